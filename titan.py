@@ -1,0 +1,1275 @@
+"""Titan: a frozen Mamba-1 language model with a grafted mixture of arms.
+
+Data flow, top to bottom:
+
+    token ids
+      -> embedding            frozen backbone rows + trainable rows for <think>, </think>, <|end|>
+      -> layers [0, inject)   frozen Mamba blocks, run without autograd during training
+      -> mixture of arms      bridge down -> 8 Mamba arms -> router top-k -> Blackboard -> bridge up
+         x = x + moe_scale * up(mixture)        (up starts at zero, so a fresh Titan is its backbone)
+      -> layers [inject, n)   frozen Mamba blocks, activation-checkpointed during training
+      -> final RMSNorm -> tied LM head          logits over the backbone vocabulary + the 3 new tokens
+
+Only the arms, the bridge, the router, the Blackboard and the three new token rows train.
+
+Shape glossary (the letters in the shape comments):
+    b   batch size
+    l   sequence length (time)
+    d   d_model, the residual stream width
+    e   d_inner = expand * d_model, the width the selective scan runs at
+    n   d_state, the SSM state size per channel (N in the Mamba paper)
+    r   dt_rank, the rank of the low-rank projection that produces Δ
+    k   d_conv, the causal convolution width
+    a   n_arms
+    c   d_bridge, the width the arms work at
+    s   d_blackboard, the width of the Blackboard bus
+    v   vocabulary size
+
+The Mamba paper's symbols map to code as Δ -> delta, A -> A (stored as A_log), B -> B, C -> C,
+D -> D, x -> u (the scan input) and h -> the SSM state.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import unicodedata
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MambaConfig:
+    """Shape of a Mamba-1 backbone; the defaults are those of the state-spaces checkpoints."""
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277          # the tokenizer's size; the embedding is padded above it
+    pad_vocab_size_multiple: int = 8
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0                 # 0 means ceil(d_model / 16)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.dt_rank == 0:
+            self.dt_rank = math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner(self):
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclasses.dataclass
+class TitanConfig:
+    """Everything grafted onto the backbone. `inject_layer` 0 means n_layer // 2."""
+    backbone: MambaConfig = dataclasses.field(default_factory=MambaConfig)
+    inject_layer: int = 0
+    d_bridge: int = 512
+    n_arms: int = 8
+    top_k: int = 2
+    d_blackboard: int = 64
+    moe_scale: float = 1.0
+    blackboard: bool = True
+    arm_d_state: int = 16
+    load_balance_coef: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.backbone, dict):
+            self.backbone = MambaConfig(**self.backbone)
+        if self.inject_layer == 0:
+            self.inject_layer = self.backbone.n_layer // 2
+
+    def validate(self):
+        """Raise ValueError naming the first invalid field and how to fix it."""
+        n_layer = self.backbone.n_layer
+        if not 1 <= self.inject_layer <= n_layer - 1:
+            raise ValueError(f"inject_layer {self.inject_layer} is outside [1, {n_layer - 1}] "
+                             f"for a backbone of {n_layer} layers; pick a layer inside that range")
+        if self.n_arms < 1:
+            raise ValueError(f"n_arms {self.n_arms} must be at least 1")
+        if not 1 <= self.top_k <= self.n_arms:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and n_arms ({self.n_arms})")
+        if not math.isfinite(self.moe_scale) or self.moe_scale < 0:
+            raise ValueError(f"moe_scale {self.moe_scale} must be a finite number >= 0")
+        for name in ("d_bridge", "d_blackboard", "arm_d_state"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selective scan
+#
+#   h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t        (per channel e, per state index n)
+#   y_t = C_t · h_t
+#
+# Two implementations with one contract: the readable reference below, and a chunked scan with
+# a hand-written backward for training. Both take an initial state and return the final state,
+# so that a prompt processed in one call hands its state over to token-by-token generation.
+# The skip term D * u is added by the mixer, not by the scans.
+# ---------------------------------------------------------------------------------------------
+
+def selective_scan_ref(u, delta, A, B, C, h0=None):
+    """Run the recurrence one time step at a time with autograd; the reference for tests.
+
+    u, delta: (b, l, e)   A: (e, n)   B, C: (b, l, n)   h0: (b, e, n) or None
+    Returns y (b, l, e) and the final state (b, e, n), both float32 or wider.
+    """
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    b, l, e = u.shape
+    h = u.new_zeros(b, e, A.shape[1]) if h0 is None else h0.to(dtype)
+
+    ys = []
+    for t in range(l):
+        dA = torch.exp(delta[:, t, :, None] * A)                              # (b, e, n)
+        dBu = delta[:, t, :, None] * B[:, t, None, :] * u[:, t, :, None]      # (b, e, n)
+        h = dA * h + dBu
+        ys.append((h * C[:, t, None, :]).sum(-1))                             # (b, e)
+    y = torch.stack(ys, dim=1) if ys else u.new_zeros(b, 0, e)               # (b, l, e)
+    return y, h
+
+
+def _discretize(u, delta, A, B):
+    """Return exp(ΔA) and ΔB·u for one chunk, time-major: (t, b, e, n) each."""
+    dA = torch.exp(delta.transpose(0, 1)[..., None] * A)                      # (t, b, e, n)
+    dBu = (delta * u).transpose(0, 1)[..., None] * B.transpose(0, 1)[:, :, None, :]
+    return dA, dBu
+
+
+def _scan_chunk(dA, dBu, h, out):
+    """Fill out[t] with the state after step t of one chunk, starting from h (b, e, n)."""
+    for t in range(dA.shape[0]):
+        h = torch.addcmul(dBu[t], dA[t], h, out=out[t])
+    return h
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Selective scan in chunks of time, with the reverse recurrence written out for backward.
+
+    Memory stays bounded: the (b, l, e, n) state tensor exists for one chunk at a time, and
+    backward recomputes each chunk's states from the chunk's saved starting state. The last
+    chunk is simply shorter, so any length works and nothing is ever padded. All arithmetic runs
+    in float32 (or float64 if the inputs are), with autocast switched off, so the state never
+    drops to bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk):
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        in_dtypes = [t.dtype for t in (u, delta, A, B, C, h0)]
+        with torch.autocast(u.device.type, enabled=False):
+            u, delta, A, B, C, h0 = (t.to(dtype) for t in (u, delta, A, B, C, h0))
+            b, l, e = u.shape
+            y = u.new_empty(b, l, e)
+            starts = []                       # the state entering each chunk, for backward
+            h = h0
+            for s in range(0, l, chunk):
+                starts.append(h)
+                dA, dBu = _discretize(u[:, s:s + chunk], delta[:, s:s + chunk], A, B[:, s:s + chunk])
+                hs = torch.empty_like(dA)
+                h = _scan_chunk(dA, dBu, h, hs).clone()
+                # y_t = C_t · h_t as a batched matrix-vector product over the chunk
+                y[:, s:s + chunk] = (hs @ C[:, s:s + chunk].transpose(0, 1)[..., None]).squeeze(-1).transpose(0, 1)
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.chunk, ctx.in_dtypes = chunk, in_dtypes
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        chunk = ctx.chunk
+        b, l, e = u.shape
+        with torch.autocast(u.device.type, enabled=False):
+            dy = dy.to(u.dtype)
+            # g carries dL/dh_t backwards in time; past the last step only h_last's gradient flows
+            g = dh_last.to(u.dtype) if dh_last is not None else u.new_zeros(b, e, A.shape[1])
+            du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+            dB, dC = torch.empty_like(B), torch.empty_like(C)
+            dA_param = torch.zeros_like(A)
+
+            for i in reversed(range(len(starts))):
+                sl = slice(i * chunk, (i + 1) * chunk)
+                u_c, delta_c, B_c, C_c = u[:, sl], delta[:, sl], B[:, sl], C[:, sl]
+                dA, dBu = _discretize(u_c, delta_c, A, B_c)
+                hs = torch.empty_like(dA)
+                _scan_chunk(dA, dBu, starts[i], hs)                           # recompute states
+                # time-major copies of the small per-step tensors
+                dy_t, B_t, C_t = (t.transpose(0, 1).contiguous() for t in (dy[:, sl], B_c, C_c))
+                delta_t, deltau_t = delta_c.transpose(0, 1), (delta_c * u_c).transpose(0, 1)
+
+                # dL/dh_t = C_t dy_t + exp(Δ_{t+1} A) dL/dh_{t+1}
+                gs = dy_t[..., None] * C_t[:, :, None, :]                       # (t, b, e, n)
+                gs[-1] += g
+                for t in range(gs.shape[0] - 2, -1, -1):
+                    torch.addcmul(gs[t], dA[t + 1], gs[t + 1], out=gs[t])
+                g = dA[0] * gs[0]             # what flows into the previous chunk's last state
+
+                # dL/d(ΔA) = dL/dh_t * h_{t-1} * exp(ΔA), built in place in dA's buffer
+                g_dA = dA.mul_(gs)
+                g_dA[1:] *= hs[:-1]
+                g_dA[0] *= starts[i]
+
+                # reductions over e or n as batched matrix products, which need no temporary
+                gB = (gs @ B_t[..., None]).squeeze(-1)                            # (t, b, e)
+                ddelta[:, sl] = ((g_dA * A).sum(-1) + gB * u_c.transpose(0, 1)).transpose(0, 1)
+                du[:, sl] = (gB * delta_t).transpose(0, 1)
+                dA_param += (g_dA * delta_t[..., None]).sum((0, 1))
+                dB[:, sl] = (deltau_t[:, :, None, :] @ gs).squeeze(2).transpose(0, 1)    # (b, t, n)
+                dC[:, sl] = (dy_t[:, :, None, :] @ hs).squeeze(2).transpose(0, 1)
+
+        grads = (du, ddelta, dA_param, dB, dC, g)
+        return (*(gr.to(dt) for gr, dt in zip(grads, ctx.in_dtypes)), None)
+
+
+def selective_scan(u, delta, A, B, C, h0=None, chunk=64):
+    """Chunked selective scan with the same contract as selective_scan_ref; used for training."""
+    if h0 is None:
+        h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.promote_types(u.dtype, torch.float32))
+    return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba block
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the weight and input dtypes."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x32 = x.float()
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 mixer: gated selective SSM with a causal depthwise convolution.
+
+    `forward` takes a whole sequence and an optional carried state; decoding one token is the
+    same call with l = 1, so prefill and generation share every line of Δ, conv and scan code.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank=0,
+                 dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        e, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, kernel_size=d_conv, groups=e, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+
+        # Δ starts log-uniform in [dt_min, dt_max]; the bias stores softplus^-1(Δ) so that
+        # softplus(bias) recovers it. dt_proj.weight starts at the scale that keeps dt_rank inputs
+        # from moving Δ far off that range.
+        nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+        # A = -exp(A_log) = -(1, 2, ..., n) in every channel: the S4D-real initialisation
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))
+        self.D = nn.Parameter(torch.ones(e))
+
+    def ssm_params(self, x):
+        """Return Δ (b, l, e) in float32, and B, C (b, l, n), for the conv output x (b, l, e)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # the bias is added in float32 after the matmul, because dt_proj.bias stays float32
+        # even when the frozen weights are bf16
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        return delta, B, C
+
+    def forward(self, x, state=None, scan=selective_scan):
+        """x: (b, l, d). state: None or (conv_state (b, e, k-1), ssm_state (b, e, n)).
+
+        Returns the output (b, l, d) and the state after the last position.
+        """
+        b, l, _ = x.shape
+
+        # 1. input projection, split into the SSM branch x and the gate z
+        xz = self.in_proj(x)                                                  # (b, l, 2e)
+        x, z = xz.chunk(2, dim=-1)                                            # (b, l, e) each
+
+        # 2. causal depthwise conv; a carried conv_state supplies the previous k-1 inputs
+        x = x.transpose(1, 2)                                                 # (b, e, l)
+        if state is None:
+            context = F.pad(x, (self.d_conv - 1, 0))                          # (b, e, l+k-1)
+            h0 = None
+        else:
+            context = torch.cat([state[0].to(x.dtype), x], dim=-1)
+            h0 = state[1]
+        conv_state = context[..., -(self.d_conv - 1):]                        # (b, e, k-1)
+        x = F.conv1d(context, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        x = F.silu(x.transpose(1, 2))                                         # (b, l, e)
+
+        # 3. selection: Δ, B and C depend on the input
+        delta, B, C = self.ssm_params(x)
+
+        # 4. discretisation and recurrence, in float32; A = -exp(A_log) is always float32
+        A = -torch.exp(self.A_log.float())                                    # (e, n)
+        y, ssm_state = scan(x, delta, A, B, C, h0)                            # (b, l, e)
+
+        # 5. skip connection D, gate by SiLU(z), output projection
+        y = y + x.float() * self.D.float()
+        y = y * F.silu(z.float())
+        return self.out_proj(y), (conv_state, ssm_state)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm wrapper: RMSNorm then mixer. The caller adds the result to its residual stream."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank=0, norm_eps=1e-5):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.mixer = MambaMixer(d_model, d_state, d_conv, expand, dt_rank)
+
+    def forward(self, x, state=None):
+        return self.mixer(self.norm(x), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone: embedding, residual Mamba layers, final norm, tied head
+# ---------------------------------------------------------------------------------------------
+
+class MambaLM(nn.Module):
+    """A Mamba-1 language model laid out like the state-spaces checkpoints.
+
+    Parameter names match theirs (`backbone.embedding.weight`, `backbone.layers.N.mixer.A_log`,
+    ...), so a checkpoint loads with a plain strict load_state_dict. The head is the embedding
+    itself (tied), so `lm_head.weight` is not a separate parameter.
+    """
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = nn.Module()
+        self.backbone.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.backbone.layers = nn.ModuleList(
+            MambaBlock(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank, cfg.norm_eps)
+            for _ in range(cfg.n_layer))
+        self.backbone.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+        # GPT-2-style initialisation, applied per module so that dt_proj.bias keeps its own init:
+        # small embeddings, and out_proj scaled down by sqrt(n_layer) so the residual stream
+        # does not grow with depth at the start of training
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        for layer in self.backbone.layers:
+            layer.mixer.out_proj.weight.data /= math.sqrt(cfg.n_layer)
+
+    @property
+    def embedding(self):
+        return self.backbone.embedding
+
+    @property
+    def layers(self):
+        return self.backbone.layers
+
+    @property
+    def norm_f(self):
+        return self.backbone.norm_f
+
+    def forward(self, ids, states=None):
+        """ids: (b, l). Returns logits (b, l, padded vocab) and the per-layer states."""
+        x = self.embedding(ids).float()                                       # (b, l, d)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            y, state = layer(x, None if states is None else states[i])
+            x = x + y
+            new_states.append(state)
+        return F.linear(self.norm_f(x), self.embedding.weight), new_states
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of arms, Blackboard, scaled bridge
+# ---------------------------------------------------------------------------------------------
+
+def load_balance_loss(router_probs, topk_idx, n_arms):
+    """Switch-Transformer balance loss: n_arms * Σ_i f_i P_i.
+
+    f_i is the share of routing slots (token, choice) that went to arm i, and P_i the mean router
+    probability of arm i. Perfectly even routing gives exactly 1.0, and all tokens on one arm
+    (with top_k = 1) gives n_arms.
+    router_probs: (..., a)   topk_idx: (..., top_k)
+    """
+    probs = router_probs.reshape(-1, n_arms)
+    counts = F.one_hot(topk_idx.reshape(-1), n_arms).float().sum(0)          # (a,)
+    f = counts / counts.sum()
+    P = probs.float().mean(0)
+    return n_arms * (f * P).sum()
+
+
+class Blackboard(nn.Module):
+    """A latent bus that every active arm writes to and reads back from, at each position.
+
+    write: each arm projects its output to d_blackboard, scaled by its router gate, and the bus
+    is the sum over arms (inactive arms have gate 0, so they write nothing). read: each arm
+    projects the bus back to d_bridge through a sigmoid gate of its own. The gates start at
+    sigmoid(4) ≈ 0.98, open ("hot"), so the bus is used from the first step and training can close
+    it. The bus mixes arms within one position only, so it stays causal and needs no state.
+    """
+
+    def __init__(self, n_arms, d_bridge, d_blackboard):
+        super().__init__()
+        self.write = nn.Parameter(torch.randn(n_arms, d_bridge, d_blackboard) * d_bridge ** -0.5)
+        self.read = nn.Parameter(torch.randn(n_arms, d_blackboard, d_bridge) * d_blackboard ** -0.5)
+        self.read_gate = nn.Parameter(torch.full((n_arms,), 4.0))
+
+    def forward(self, arm_out, gates):
+        """arm_out: (b, l, a, c), gates: (b, l, a). Returns the read-back (b, l, a, c)."""
+        bus = torch.einsum("blac,acs,bla->bls", arm_out, self.write, gates)  # (b, l, s)
+        back = torch.einsum("bls,asc->blac", bus, self.read)                  # (b, l, a, c)
+        return back * torch.sigmoid(self.read_gate)[:, None]
+
+
+class MixtureOfArms(nn.Module):
+    """Bridge down, 8 Mamba arms, top-k router, Blackboard, bridge up.
+
+    NOTE: every arm runs on every token, so that each arm's recurrent state sees the whole
+    sequence; top-k only selects which arm outputs are mixed in. Skipping unselected arms would
+    save compute but leave holes in their states.
+    """
+
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        d, c = cfg.backbone.d_model, cfg.d_bridge
+        self.n_arms, self.top_k = cfg.n_arms, cfg.top_k
+        self.norm = RMSNorm(d, eps=cfg.backbone.norm_eps)
+        self.down = nn.Linear(d, c, bias=False)
+        self.router = nn.Linear(c, cfg.n_arms, bias=False)
+        self.arms = nn.ModuleList(MambaBlock(c, d_state=cfg.arm_d_state) for _ in range(cfg.n_arms))
+        self.blackboard = Blackboard(cfg.n_arms, c, cfg.d_blackboard)
+        self.up = nn.Linear(c, d, bias=False)
+        nn.init.zeros_(self.up.weight)        # a fresh Titan adds exactly zero to the backbone
+        # near-even routing at the start, with enough spread that ties do not always pick the same arms
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def forward(self, x, states=None, use_blackboard=True, probe=None):
+        """x: residual stream (b, l, d). Returns the unscaled injection (b, l, d), the
+        load-balance loss, and the arms' states."""
+        u = self.down(self.norm(x))                                           # (b, l, c)
+
+        # router: softmax over arms, keep the top_k, renormalise their weights to sum to 1
+        probs = F.softmax(self.router(u).float(), dim=-1)                     # (b, l, a)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)                         # (b, l, top_k)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        aux = load_balance_loss(probs, top_i, self.n_arms)
+
+        outs, new_states = [], []
+        for i, arm in enumerate(self.arms):
+            o, state = arm(u, None if states is None else states[i])
+            outs.append(o.float())
+            new_states.append(state)
+        arm_out = torch.stack(outs, dim=2)                                    # (b, l, a, c)
+
+        back = self.blackboard(arm_out, gates) if use_blackboard else torch.zeros_like(arm_out)
+        mixed = torch.einsum("bla,blac->blc", gates, arm_out + back)          # (b, l, c)
+        injection = self.up(mixed)                                            # (b, l, d)
+
+        if probe is not None:
+            probe["router_probs"] = probs.detach()
+            probe["gates"] = gates.detach()
+            probe["arm_out"] = arm_out.detach()
+            probe["readback"] = back.detach()
+            probe["read_gate"] = torch.sigmoid(self.blackboard.read_gate).detach()
+        return injection, aux, new_states
+
+
+# ---------------------------------------------------------------------------------------------
+# Titan: the frozen backbone with the arms grafted on
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("<think>", "</think>", "<|end|>")
+
+# parameters that stay float32 when frozen weights are cast to bf16 or fp16: they feed exp()
+# and softplus() inside the scan, where 8 bits of mantissa visibly move the state
+FP32_PARAM_SUFFIXES = ("A_log", "D", "dt_proj.bias")
+
+
+class Titan(nn.Module):
+    """The frozen backbone, the mixture of arms at `inject_layer`, and three new token rows.
+
+    Token ids below `backbone.vocab_size` use the frozen embedding and head rows; ids
+    vocab_size + 0, 1, 2 are <think>, </think> and <|end|>, whose rows (tied between input and
+    head, like the backbone's) train. Embedding rows between the tokenizer size and the padded
+    size are never produced: the head returns logits for the real ids only.
+    """
+
+    def __init__(self, cfg: TitanConfig, backbone: MambaLM):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.lm = backbone
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        self.arms = MixtureOfArms(cfg)
+        self.moe_scale = cfg.moe_scale
+        self.use_blackboard = cfg.blackboard
+        self.checkpointing = True       # activation checkpointing above the injection layer
+
+        # the new rows start at the mean backbone embedding plus a little noise: a typical
+        # direction, so they neither dominate nor vanish in the head at the start
+        emb = backbone.embedding.weight[:cfg.backbone.vocab_size].detach().float()
+        init = emb.mean(0) + 0.1 * emb.std(0) * torch.randn(len(SPECIAL_TOKENS), emb.shape[1])
+        self.special = nn.Parameter(init)
+
+    @property
+    def vocab_size(self):
+        """Number of ids Titan reads and predicts: the tokenizer's plus the 3 new tokens."""
+        return self.cfg.backbone.vocab_size + len(SPECIAL_TOKENS)
+
+    def embed(self, ids):
+        v = self.cfg.backbone.vocab_size
+        base = self.lm.embedding(ids.clamp(max=v - 1)).float()               # (b, l, d)
+        new = self.special[(ids - v).clamp(min=0, max=len(SPECIAL_TOKENS) - 1)]
+        return torch.where((ids >= v)[..., None], new.to(base.dtype), base)
+
+    def head_weight(self):
+        """The LM head: frozen backbone rows for real ids, then the 3 new rows. (v, d)"""
+        w = self.lm.embedding.weight[:self.cfg.backbone.vocab_size]
+        return torch.cat([w, self.special.to(w.dtype)], dim=0)
+
+    def head(self, x):
+        return F.linear(self.lm.norm_f(x), self.head_weight())
+
+    def forward(self, ids, cache=None, moe_scale=None, use_blackboard=None, probe=None):
+        """ids: (b, l). cache: None or the state returned by an earlier call.
+
+        Returns logits (b, l, v), the router's load-balance loss, and the new cache.
+        With a dict as `probe`, also records the residual norm after every layer and the
+        arms' internals, for inspection.
+        """
+        moe_scale = self.moe_scale if moe_scale is None else moe_scale
+        use_blackboard = self.use_blackboard if use_blackboard is None else use_blackboard
+        inject = self.cfg.inject_layer
+        grad = torch.is_grad_enabled()
+        new_cache = {"layers": [], "arms": None}
+
+        def run_layer(i, x):
+            y, state = self.lm.layers[i](x, None if cache is None else cache["layers"][i])
+            new_cache["layers"].append(state)
+            return x + y
+
+        def record(name, x):
+            if probe is not None:
+                probe.setdefault(name, []).append(x.detach().norm(dim=-1))
+
+        # frozen layers below the injection point need no autograd graph, because nothing
+        # below them trains. NOTE: this also means the 3 new token rows learn through the head
+        # only; their use as inputs below the injection layer is not differentiated.
+        with torch.no_grad():
+            x = self.embed(ids)
+            record("residual", x)
+            for i in range(inject):
+                x = run_layer(i, x)
+                record("residual", x)
+
+        injection, aux, arm_states = self.arms(
+            x, None if cache is None else cache["arms"], use_blackboard, probe)
+        new_cache["arms"] = arm_states
+        scaled = moe_scale * injection
+        if probe is not None:
+            probe["injected"] = scaled.detach().norm(dim=-1)
+            probe["residual_at_inject"] = x.detach().norm(dim=-1)
+        x = x + scaled
+
+        for i in range(inject, self.cfg.backbone.n_layer):
+            if grad and self.checkpointing and cache is None:
+                layer = self.lm.layers[i]
+                x = x + torch.utils.checkpoint.checkpoint(lambda t, m=layer: m(t)[0], x, use_reentrant=False)
+                new_cache["layers"].append(None)
+            else:
+                x = run_layer(i, x)
+            record("residual", x)
+
+        if probe is not None:
+            probe["final_hidden"] = x.detach()
+        return self.head(x), aux, new_cache
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self):
+        """The weights a checkpoint stores: everything outside the frozen backbone."""
+        return {k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad}
+
+    def load_trainable_state_dict(self, state, source="checkpoint"):
+        expected = {k: tuple(v.shape) for k, v in self.named_parameters() if v.requires_grad}
+        check_state_dict(expected, state, source)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def cast_frozen(self, dtype):
+        """Store the frozen backbone in `dtype`, except A_log, D and the dt bias (float32)."""
+        for name, p in self.lm.named_parameters():
+            if not name.endswith(FP32_PARAM_SUFFIXES):
+                p.data = p.data.to(dtype)
+        return self
+
+
+def check_state_dict(expected, got, source):
+    """Raise ValueError listing every missing key, unexpected key and shape mismatch.
+
+    expected: {name: shape}; got: {name: tensor}; source names the file in the message.
+    """
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {source} has {tuple(got[k].shape)}, the model expects {expected[k]}"
+             for k in sorted(set(expected) & set(got)) if tuple(got[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    problems += wrong
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems)
+                         + ". Check that the checkpoint and the config (d_model, n_layer, d_state, "
+                           "d_conv, expand) belong together")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading backbones and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, fsync it, then rename it into place.
+
+    A crash or a full disk leaves either the old file or the new one at `path`, never half
+    of one. The temporary file is removed if writing fails.
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_backbone(model: MambaLM, folder):
+    """Write `model` in the state-spaces layout: config.json and pytorch_model.bin."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    config = {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+              "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
+              "ssm_cfg": {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
+                          "dt_rank": cfg.dt_rank},
+              "norm_eps": cfg.norm_eps, "tie_embeddings": True}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["backbone.embedding.weight"]
+    atomic_save(state, folder / "pytorch_model.bin")
+    tmp = folder / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, folder / "config.json")
+
+
+def backbone_config_from_json(config):
+    """Build a MambaConfig from a state-spaces config.json dict."""
+    ssm = config.get("ssm_cfg") or {}
+    return MambaConfig(
+        d_model=config["d_model"], n_layer=config["n_layer"], vocab_size=config["vocab_size"],
+        pad_vocab_size_multiple=config.get("pad_vocab_size_multiple", 8),
+        d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
+        dt_rank=ssm.get("dt_rank", 0) if ssm.get("dt_rank", "auto") != "auto" else 0,
+        norm_eps=config.get("norm_eps", 1e-5))
+
+
+def load_backbone(spec, dtype=torch.float32, device="cpu"):
+    """Load a frozen Mamba backbone from a folder in the state-spaces layout.
+
+    Returns the model (weights in `dtype`, except A_log, D and the dt bias in float32) and a
+    dict that records where it came from, for the checkpoint.
+    """
+    folder = pathlib.Path(spec)
+    if folder.is_file():
+        folder = folder.parent
+    config_path, weights_path = folder / "config.json", folder / "pytorch_model.bin"
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"--backbone {spec}: {p.name} not found in {folder}; "
+                                    "pass a folder with config.json and pytorch_model.bin")
+    try:
+        config = json.loads(config_path.read_text())
+        cfg = backbone_config_from_json(config)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"--backbone {spec}: {config_path} is not a valid Mamba config ({err!r})") from None
+
+    # mmap keeps a large file on disk until each tensor is copied into the model
+    state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+    head = state.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, state.get("backbone.embedding.weight", head)):
+        raise ValueError(f"--backbone {spec}: lm_head.weight differs from the embedding; "
+                         "Titan supports tied heads only")
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, state, str(weights_path))
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, tensor in state.items():
+            keep_fp32 = name.endswith(FP32_PARAM_SUFFIXES)
+            params[name].data = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    model.requires_grad_(False)
+    return model, {"backbone": str(spec), "config": dataclasses.asdict(cfg)}
+
+
+
+def resolve_relative(source, base):
+    """Paths in a checkpoint may be relative to the checkpoint's folder; return a usable one."""
+    p = pathlib.Path(source)
+    if not p.is_absolute() and (pathlib.Path(base) / p).exists():
+        return str(pathlib.Path(base) / p)
+    return source
+
+
+def read_checkpoint(path):
+    """torch.load a Titan checkpoint safely (weights_only), with clear errors for bad files."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; pass the .pt file inside it (e.g. {path / 'ckpt.pt'})")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} not found; check the path")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); use an earlier checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {str(err)[:120]}); "
+                         "it is truncated, corrupt or not a Titan checkpoint; use an earlier one") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a Titan checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+CHECKPOINT_FORMAT = "titan-1"
+
+
+def load_titan(path, device="cpu", dtype=torch.float32):
+    """Rebuild a trained Titan from its checkpoint: load the frozen backbone named inside it,
+    graft fresh arms, then copy the trained weights in. Returns (model, tokenizer, checkpoint)."""
+    ckpt = read_checkpoint(path)
+    cfg = TitanConfig(**ckpt["config"])
+    source = resolve_relative(ckpt["backbone"]["source"], pathlib.Path(path).parent)
+    lm, _ = load_backbone(source, dtype=dtype, device=device)
+    differ = [f"{k} (checkpoint {v}, backbone {getattr(lm.cfg, k)})"
+              for k, v in dataclasses.asdict(cfg.backbone).items() if getattr(lm.cfg, k) != v]
+    if differ:
+        raise ValueError(f"checkpoint {path} was trained on a different backbone than {source}: "
+                         + ", ".join(differ) + "; pass the backbone it was trained on")
+    model = Titan(cfg, lm).to(device)
+    model.load_trainable_state_dict(ckpt["trainable"], source=str(path))
+    tok = get_tokenizer(ckpt["tokenizer"])
+    return model.eval(), tok, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+
+# GPT-2's pre-tokenizer split: contractions, letter runs, digit runs, other runs, whitespace
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """A tiktoken Encoding for ordinary text, plus Titan's three special ids after it.
+
+    `encode` never returns a special id, whatever the text says: a literal "<think>" or
+    "<|endoftext|>" inside data is encoded as the characters it is made of. Only
+    `format_example` and the prompt builder place special ids.
+    """
+
+    def __init__(self, name, encoding, n_vocab, encode=None):
+        self.name = name
+        self.encoding = encoding
+        self._encode = encode or encoding.encode_ordinary
+        self.n_vocab = n_vocab                      # ids the backbone knows: [0, n_vocab)
+        self.think_id, self.end_think_id, self.eot_id = n_vocab, n_vocab + 1, n_vocab + 2
+        self.vocab_size = n_vocab + len(SPECIAL_TOKENS)
+
+    def encode(self, text):
+        return self._encode(text)
+
+    def decode(self, ids):
+        parts, run = [], []
+        for i in ids:
+            if i >= self.n_vocab:
+                parts.append(self.encoding.decode(run, errors="replace"))
+                parts.append(SPECIAL_TOKENS[i - self.n_vocab])
+                run = []
+            else:
+                run.append(i)
+        parts.append(self.encoding.decode(run, errors="replace"))
+        return "".join(parts)
+
+    def decode_token(self, i):
+        """Return one id as readable text (raw bytes shown escaped), for reports."""
+        if i >= self.n_vocab:
+            return SPECIAL_TOKENS[i - self.n_vocab]
+        return repr(self.encoding.decode_single_token_bytes(i))[2:-1]
+
+
+def byte_tokenizer():
+    """The built-in demo's tokenizer: one id per byte, no merges, nothing to download."""
+    encoding = tiktoken.Encoding(name="titan-bytes", pat_str=GPT2_SPLIT_PATTERN,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+    return Tokenizer("bytes", encoding, 256)
+
+
+def get_tokenizer(name):
+    """Return a tokenizer: "bytes", "r50k_base" (GPT-2's BPE), or the path of a GPT-NeoX-20B
+    tokenizer.json (the tokenizer of the state-spaces Mamba checkpoints)."""
+    if name == "bytes":
+        return byte_tokenizer()
+    if name == "r50k_base":
+        # n_vocab counts <|endoftext|> (id 50256), which encode_ordinary never produces
+        encoding = tiktoken.get_encoding("r50k_base")
+        return Tokenizer(name, encoding, encoding.n_vocab)
+    if name.endswith(".json") and os.path.isfile(name):
+        neox = load_neox_tokenizer(name)
+        return Tokenizer(str(name), neox.encoding, neox.n_vocab, encode=neox.encode)
+    raise ValueError(f"unknown tokenizer {name!r}; use 'bytes', 'r50k_base' or the path of a tokenizer.json")
+
+
+# Code points that HF tokenizers' NFC leaves alone but Python's unicodedata does not: marks with a
+# nonzero combining class and starters of canonical compositions, all assigned after Unicode 9.0.
+# Measured with tokenizers 0.23.3 against unicodedata2 (Unicode 18.0), whose set covers every
+# older table that Python ships. HF's tables behave like Unicode 9.0, so these act as starters.
+# NOTE: a Python whose unicodedata is newer than Unicode 18.0 may need this set extended.
+HF_NFC_UNKNOWN = re.compile(
+    "(["
+    "\u05c8-\u05c9\u07fd\u0897-\u089f\u08ca-\u08d3\u09fe\u0c3c\u0d3b-\u0d3c\u0eba\u1715"
+    "\u1abf-\u1af0\u1df6-\u1dfa\ua82c\U000105c9\U000105d2\U000105da\U000105e4\U00010d24-\U00010d27"
+    "\U00010d69-\U00010d6d\U00010eab-\U00010eac\U00010ecb-\U00010ecf\U00010ef0-\U00010efb"
+    "\U00010efd-\U00010eff\U00010f46-\U00010f50\U00010f82-\U00010f85\U00011070\U0001133b"
+    "\U00011382-\U00011385\U0001138b\U0001138e\U00011390-\U00011391\U000113c2\U000113c5"
+    "\U000113c7-\U000113c8\U000113ce-\U000113d0\U0001145e\U00011839-\U0001183a\U00011935\U00011938"
+    "\U0001193d-\U0001193e\U00011943\U000119e0\U00011a34\U00011a47\U00011a99\U00011d42"
+    "\U00011d44-\U00011d45\U00011d97\U00011f41-\U00011f42\U0001611e\U00016121-\U00016129\U0001612f"
+    "\U00016d63\U00016d67-\U00016d6a\U00016ff0-\U00016ff1\U0001d127-\U0001d128"
+    "\U0001d250-\U0001d252\U0001d25b-\U0001d25c\U0001d25f\U0001d280-\U0001d281\U0001e08f"
+    "\U0001e130-\U0001e136\U0001e2ae\U0001e2ec-\U0001e2ef\U0001e4ec-\U0001e4ef"
+    "\U0001e5ee-\U0001e5ef\U0001e6e3\U0001e6e6\U0001e6ee-\U0001e6ef\U0001e6f5"
+    "])"
+)
+
+
+def normalize_nfc_like_hf(text: str) -> str:
+    """Apply NFC the way HF tokenizers does, keeping each HF_NFC_UNKNOWN code point as it is."""
+    # Text that is NFC under Python's newer tables is NFC under HF's too, since HF composes and
+    # reorders only a subset. The quick check skips the slow regex for nearly all text.
+    if unicodedata.is_normalized("NFC", text):
+        return text
+    pieces = HF_NFC_UNKNOWN.split(text)  # the unknown code points land at the odd positions
+    for position in range(0, len(pieces), 2):
+        pieces[position] = unicodedata.normalize("NFC", pieces[position])
+    return "".join(pieces)
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Map each character of GPT-2's byte-level alphabet to the byte it stands for.
+
+    Printable Latin-1 bytes stand for themselves. The other 68 bytes (controls, space, 0xAD)
+    move, in byte order, to code points 256 and up, so every vocabulary entry is visible text.
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return alphabet
+
+
+class NeoXTokenizer:
+    """GPT-NeoX-20B byte-level BPE that returns the same ids as HF `tokenizers` on ordinary text.
+
+    Special-token text inside data (a literal "<|endoftext|>") is encoded as ordinary text and
+    never becomes a special id, where HF would match it. Callers that need a special token put
+    its id from `special_ids` in place themselves.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, space_run_ids: dict[str, int],
+                 special_ids: dict[str, int]):
+        self.encoding = encoding  # call `encode` below, because tiktoken's skips NFC and space runs
+        self.space_run_ids = space_run_ids
+        self.special_ids = special_ids
+        self.eot_id = special_ids["<|endoftext|>"]
+        self.n_vocab = encoding.n_vocab  # max id + 1
+        longest = max(len(run) for run in space_run_ids)
+        # A greedy scan takes the longest run first at the leftmost position, just as HF's
+        # leftmost-longest added-token matcher does, and leaves a single space to the BPE.
+        self._space_run_pattern = re.compile(f"( {{2,{longest}}})")
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text to ids: NFC, then added space runs, then GPT-2 split and BPE in between.
+
+        A lone surrogate becomes U+FFFD (tiktoken's handling), where HF raises TypeError.
+        """
+        text = normalize_nfc_like_hf(text)  # the file's normalizer
+        ids = []
+        # re.split with one capture group puts the space runs at the odd positions.
+        for position, piece in enumerate(self._space_run_pattern.split(text)):
+            if position % 2 == 1:
+                ids.append(self.space_run_ids[piece])
+            elif piece:
+                ids.extend(self.encoding.encode_ordinary(piece))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode ids to text, special ids to their literal text; broken UTF-8 becomes U+FFFD."""
+        return self.encoding.decode(ids)
+
+
+def load_neox_tokenizer(path: str) -> NeoXTokenizer:
+    """Build a NeoXTokenizer from a HuggingFace tokenizer.json of the GPT-NeoX-20B kind.
+
+    Raises ValueError when the file uses a feature this reader does not reproduce.
+    """
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    model = config["model"]
+    if model["type"] != "BPE" or (config["normalizer"] or {}).get("type") != "NFC":
+        raise ValueError(f"{path}: expected a BPE model with an NFC normalizer, as GPT-NeoX-20B has")
+
+    # tiktoken merges the adjacent pair whose joined bytes have the lowest rank, while HF applies
+    # the merge rule with the lowest index. In the GPT-NeoX-20B file, merge k creates token id
+    # 245 + k, so id order is merge order and the ids can serve as ranks with no remapping.
+    # NOTE: the two rules also agree on every vocabulary entry of this file (checked offline
+    # against tokenizers 0.23.3), but this function checks only the id order for other files.
+    vocab = model["vocab"]
+    previous_id = -1
+    for merge in model["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        merged_id = vocab[left + right]
+        if merged_id <= previous_id:
+            raise ValueError(f"{path}: merge {merge!r} creates id {merged_id}, below an earlier merge's "
+                             f"id {previous_id}, so token ids are not merge ranks and need remapping")
+        previous_id = merged_id
+
+    # The special tokens also sit in the model vocabulary, but no merge creates them, so they
+    # stay out of the BPE ranks. The 13 bytes that never occur in UTF-8 are missing from the
+    # vocabulary, which is harmless because encode only sees valid UTF-8.
+    added = config["added_tokens"]
+    special_ids = {token["content"]: token["id"] for token in added if token["special"]}
+    space_run_ids = {token["content"]: token["id"] for token in added if not token["special"]}
+    longest = max((len(run) for run in space_run_ids), default=0)
+    if longest < 2 or sorted(space_run_ids) != [" " * n for n in range(2, longest + 1)]:
+        raise ValueError(f"{path}: non-special added tokens {sorted(space_run_ids)!r} are not "
+                         "exactly the runs of 2 or more spaces that NeoXTokenizer matches")
+    if "<|endoftext|>" not in special_ids:
+        raise ValueError(f"{path}: no special token <|endoftext|>, found {sorted(special_ids)!r}")
+
+    alphabet = byte_level_alphabet()
+    ranks = {bytes(alphabet[char] for char in token): token_id
+             for token, token_id in vocab.items() if token not in special_ids}
+    # The space runs ride in tiktoken's special_tokens only so that decode knows their text.
+    encoding = tiktoken.Encoding("gpt-neox-20b", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={**special_ids, **space_run_ids})
+    return NeoXTokenizer(encoding, space_run_ids, special_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasoning data
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_TEMPLATE = "User: {question}\nAssistant: "
+
+
+def arithmetic_fact(rng, max_value):
+    """One single-step fact such as "12+7=19", with every number in [0, max_value)."""
+    a = rng.randrange(max_value)
+    if rng.random() < 0.5:
+        b = rng.randrange(max_value - a)
+        return f"{a}+{b}={a + b}"
+    b = rng.randrange(a + 1)
+    return f"{a}-{b}={a - b}"
+
+
+def arithmetic_problem(rng, n_steps, max_value, max_operand=10):
+    """A chain of n_steps additions and subtractions of operands below max_operand, whose
+    partial results stay in [0, max_value). Returns {question, reasoning, answer, n_steps}; the
+    reasoning has one line per step, each a fact the demo backbone was pretrained on."""
+    value = rng.randrange(1, max_operand)
+    question, lines = str(value), []
+    for _ in range(n_steps):
+        if rng.random() < 0.5 and value < max_value - 1:
+            b = rng.randrange(1, min(max_operand, max_value - value))
+            lines.append(f"{value}+{b}={value + b}")
+            question += f"+{b}"
+            value += b
+        else:
+            b = rng.randrange(0, min(max_operand, value + 1))
+            lines.append(f"{value}-{b}={value - b}")
+            question += f"-{b}"
+            value -= b
+    return {"question": question, "reasoning": "\n".join(lines), "answer": str(value), "n_steps": n_steps}
+
+
+def parse_record(obj):
+    """Turn one JSON object into {question, reasoning, answer}; None if it has no usable shape.
+
+    Accepted shapes: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]},
+    {"prompt", "response"} where the response holds <think>...</think>, and
+    {"question", "reasoning", "answer"}.
+    """
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("messages"), list):
+        user = [m.get("content", "") for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        bot = [m.get("content", "") for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not user or not bot:
+            return None
+        return split_thinking(user[0], bot[-1])
+    if "prompt" in obj and "response" in obj:
+        return split_thinking(obj["prompt"], obj["response"])
+    if "question" in obj and "answer" in obj:
+        return {"question": str(obj["question"]), "reasoning": str(obj.get("reasoning", "")),
+                "answer": str(obj["answer"])}
+    return None
+
+
+def split_thinking(question, response):
+    """Split "…<think>reasoning</think>answer" into its parts."""
+    if not isinstance(question, str) or not isinstance(response, str):
+        return None
+    m = re.search(r"<think>(.*?)</think>(.*)", response, flags=re.S)
+    if m:
+        return {"question": question, "reasoning": m.group(1).strip(), "answer": m.group(2).strip()}
+    return {"question": question, "reasoning": "", "answer": response.strip()}
+
+
+def read_jsonl(path, max_bad_fraction=0.5, log=print):
+    """Read chain-of-thought records from a JSONL file.
+
+    Invalid lines are skipped and reported with their line numbers; the read fails with a
+    ValueError when the file has no valid record or more than `max_bad_fraction` of its
+    non-blank lines are invalid.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"--data {path} is a folder; pass a .jsonl file")
+    if not path.is_file():
+        raise ValueError(f"--data {path} not found; pass a .jsonl file with one JSON object per line")
+    records, bad, total = [], [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")     # UTF-8 byte-order mark
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                if b"\x00" in raw:
+                    raise ValueError("NUL byte")
+                rec = parse_record(json.loads(raw.decode("utf-8")))
+                if rec is None:
+                    raise ValueError("no question/answer fields")
+            except (UnicodeDecodeError, ValueError) as err:
+                bad.append((lineno, str(err).splitlines()[0][:80]))
+                continue
+            records.append(rec)
+    if bad:
+        shown = ", ".join(f"line {n} ({why})" for n, why in bad[:5])
+        log(f"warning: {path}: skipped {len(bad)} of {total} lines: {shown}" + (" ..." if len(bad) > 5 else ""))
+    if not records:
+        raise ValueError(f"--data {path}: no valid record in {total} non-blank lines; each line must be a JSON "
+                         "object with messages, prompt/response or question/reasoning/answer")
+    if len(bad) > max_bad_fraction * total:
+        raise ValueError(f"--data {path}: {len(bad)} of {total} lines are invalid (more than "
+                         f"{max_bad_fraction:.0%}); fix the file or check its format")
+    return records
+
+
+def format_example(tok: Tokenizer, rec, seq_len=None):
+    """Build the training sequence of one record and its loss mask.
+
+    The sequence is PROMPT_TEMPLATE, then <think> "\\n{reasoning}\\n" </think> "\\n{answer}" <|end|>.
+    Returns (ids, mask) as lists; mask[i] is True where ids[i] is a supervised target, which
+    is everything from <think> on. Returns None if the prompt alone fills seq_len + 1.
+    """
+    prompt = tok.encode(PROMPT_TEMPLATE.format(question=rec["question"]))
+    completion = ([tok.think_id] + tok.encode("\n" + rec["reasoning"] + "\n") + [tok.end_think_id]
+                  + tok.encode("\n" + rec["answer"]) + [tok.eot_id])
+    ids = prompt + completion
+    mask = [False] * len(prompt) + [True] * len(completion)
+    if seq_len is not None and len(ids) > seq_len + 1:
+        if len(prompt) >= seq_len:
+            return None
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+    return ids, mask
+
+
+def make_batch(examples, pad_id):
+    """Stack (ids, mask) pairs into inputs (b, l) and targets (b, l), -100 where unsupervised."""
+    length = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        ids_t = torch.tensor(ids)
+        x[row, :len(ids) - 1] = ids_t[:-1]
+        target = ids_t[1:].clone()
+        target[~torch.tensor(mask[1:])] = -100
+        y[row, :len(ids) - 1] = target
+    return x, y
+
+
+def extract_answer(text):
+    """Return the answer part of a generation: the text after </think>, without <|end|>."""
+    if "</think>" not in text:
+        return None
+    return text.split("</think>", 1)[1].split("<|end|>", 1)[0].strip()
+
+
+def grade(prediction, reference):
+    """Exact match after whitespace normalisation; numbers compare as numbers."""
+    if prediction is None:
+        return False
+    norm = lambda s: " ".join(str(s).split())
+    p, r = norm(prediction), norm(reference)
+    try:
+        return float(p) == float(r)
+    except ValueError:
+        return p == r
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+def cat_caches(caches):
+    """Join per-sequence caches (batch 1 each) into one cache along the batch dimension."""
+    def cat_states(states):
+        return [(torch.cat([s[i][0] for s in states]), torch.cat([s[i][1] for s in states]))
+                for i in range(len(states[0]))]
+    return {"layers": cat_states([c["layers"] for c in caches]),
+            "arms": cat_states([c["arms"] for c in caches])}
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Pick the next id per row of logits (b, v): greedy at temperature 0, else sampled after
+    top-k and nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p      # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def find_loop(ids, max_period=8, min_repeats=4):
+    """Return (period, start) if `ids` ends in a block of 1..max_period tokens repeated at least
+    min_repeats times, else None. `start` is the index where the repetition begins."""
+    for period in range(1, max_period + 1):
+        if len(ids) < period * min_repeats:
+            break
+        tail = ids[-period:]
+        if all(ids[-period * (r + 1):len(ids) - period * r] == tail for r in range(1, min_repeats)):
+            start = len(ids) - period * min_repeats
+            while start - period >= 0 and ids[start - period:start] == tail:
+                start -= period
+            return period, start
+    return None
+
+
+@torch.no_grad()
+def generate_stream(model: Titan, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                    repetition_penalty=1.0, moe_scale=None, use_blackboard=None, probe=False,
+                    generator=None):
+    """Yield (next_ids (b,), probe dict or None) once per new token, for a batch of prompts.
+
+    Each prompt is processed once, alone, so prompts of different lengths need no padding;
+    then all sequences advance together one token per step through the recurrent cache, so
+    the cost per token does not grow with the position. The caller decides when to stop.
+    """
+    caches, last = [], []
+    for p in prompts:
+        logits, _, cache = model(torch.tensor([p], device=model.special.device),
+                                 moe_scale=moe_scale, use_blackboard=use_blackboard)
+        caches.append(cache)
+        last.append(logits[:, -1])
+    cache, logits = cat_caches(caches), torch.cat(last)                       # logits: (b, v)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        seen[torch.arange(len(next_ids)), next_ids] = True
+        record = {} if probe else None
+        logits, _, cache = model(next_ids[:, None], cache=cache, moe_scale=moe_scale,
+                                 use_blackboard=use_blackboard, probe=record)
+        logits = logits[:, -1]
+        if probe:
+            record["cache"] = cache
+        yield next_ids, record
+
+
+def generate(model, tok: Tokenizer, prompts, max_new_tokens, **kwargs):
+    """Generate for a batch of prompt id lists; each sequence stops after <|end|>.
+    Returns the new ids of each sequence, <|end|> included when it was emitted."""
+    outs = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for next_ids, _ in generate_stream(model, prompts, max_new_tokens, **kwargs):
+        for i, t in enumerate(next_ids.tolist()):
+            if not done[i]:
+                outs[i].append(t)
+                done[i] = t == tok.eot_id
+        if all(done):
+            break
+    return outs
+
+
+def question_prompt(tok: Tokenizer, question):
+    """The ids that ask `question` in the training template; the model continues with <think>."""
+    return tok.encode(PROMPT_TEMPLATE.format(question=question))
+
+
+def evaluate(model, tok, problems, max_new_tokens=64, batch_size=32, **kwargs):
+    """Greedy exact-answer accuracy on records with question and answer. Returns
+    (accuracy, list of (record, generated text))."""
+    results = []
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s:s + batch_size]
+        outs = generate(model, tok, [question_prompt(tok, r["question"]) for r in chunk], max_new_tokens, **kwargs)
+        results += [(r, tok.decode(o)) for r, o in zip(chunk, outs)]
+    correct = sum(grade(extract_answer(text), r["answer"]) for r, text in results)
+    return correct / max(1, len(results)), results

@@ -1,0 +1,337 @@
+"""
+Supervised fine-tuning of Titan's arms on chain-of-thought traces; the backbone stays frozen.
+
+The built-in demo (no --backbone) runs on a CPU in minutes and needs no network:
+    python train.py --moe_scale 1.5
+It pretrains a tiny Mamba on single-step arithmetic facts (once, cached in --out_dir), freezes it,
+grafts the arms, trains them on multi-step problems and prints held-out accuracy with and
+without the arms.
+
+On a pretrained backbone in the state-spaces layout:
+    python train.py --backbone path/to/mamba-130m --tokenizer r50k_base --data traces.jsonl
+"""
+
+import argparse
+import math
+import os
+import pathlib
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import titan
+
+# -----------------------------------------------------------------------------
+# defaults: the built-in demo's, sized to finish in minutes on 2 CPU cores
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("model")
+g.add_argument("--backbone", default=None, help="folder (or file inside it) with config.json and pytorch_model.bin; "
+               "default: the built-in demo backbone, pretrained on first use")
+g.add_argument("--tokenizer", default=None, help="'bytes' or 'r50k_base' (default: bytes for the demo, r50k_base otherwise)")
+g.add_argument("--moe_scale", type=float, default=1.0, help="multiplier on the arms' output before it joins the residual stream")
+g.add_argument("--d_bridge", type=int, default=None, help="width the arms work at (default 512; 32 for the demo)")
+g.add_argument("--arm_d_state", type=int, default=None, help="d_state of each arm (default 16; 8 for the demo)")
+g.add_argument("--n_arms", type=int, default=8, help="number of expert arms")
+g.add_argument("--top_k", type=int, default=2, help="arms mixed in per token")
+g.add_argument("--d_blackboard", type=int, default=None, help="width of the Blackboard bus (default 64; 16 for the demo)")
+g.add_argument("--inject_layer", type=int, default=None, help="layer the arms feed into (default n_layer // 2)")
+g.add_argument("--no_blackboard", action="store_true", help="switch the Blackboard off (ablation)")
+g.add_argument("--load_balance_coef", type=float, default=0.01, help="weight of the router's load-balance loss")
+g = parser.add_argument_group("data")
+g.add_argument("--data", default=None, help="JSONL file of traces (default: built-in multi-step arithmetic)")
+g.add_argument("--seq_len", type=int, default=256, help="maximum tokens per training sequence")
+g.add_argument("--eval_problems", type=int, default=200, help="held-out problems for the final accuracy")
+g = parser.add_argument_group("optimisation")
+g.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step")
+g.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+g.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+g.add_argument("--min_lr", type=float, default=5e-4, help="learning rate at the end of the cosine decay")
+g.add_argument("--warmup_steps", type=int, default=30, help="linear warmup steps")
+g.add_argument("--max_steps", type=int, default=1600, help="optimizer steps")
+g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+g = parser.add_argument_group("demo backbone pretraining (only without --backbone)")
+g.add_argument("--pretrain_steps", type=int, default=500, help="steps of fact pretraining")
+g.add_argument("--demo_d_model", type=int, default=64, help="d_model of the demo backbone")
+g.add_argument("--demo_n_layer", type=int, default=4, help="n_layer of the demo backbone")
+g.add_argument("--demo_d_state", type=int, default=8, help="d_state of the demo backbone")
+g.add_argument("--demo_max_operand", type=int, default=10, help="operands of the demo problems stay below this")
+g.add_argument("--demo_max_value", type=int, default=30, help="numbers in the demo stay below this")
+g = parser.add_argument_group("run")
+g.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available)")
+g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+               help="storage dtype of the frozen weights (auto: bf16 on GPUs of compute capability >= 8, "
+                    "fp16 on older GPUs, float32 on CPU)")
+g.add_argument("--out_dir", default="out", help="folder for checkpoints and the demo backbone")
+g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+g.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
+g.add_argument("--eval_interval", type=int, default=400, help="steps between held-out loss evaluations and checkpoints")
+g.add_argument("--seed", type=int, default=1337, help="random seed")
+args = parser.parse_args()
+
+
+def fail(message):
+    """Print a one-line error and exit without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "n_arms", "log_interval", "eval_interval"):
+    if getattr(args, name) < 1:
+        fail(f"--{name} {getattr(args, name)} must be at least 1")
+if not math.isfinite(args.moe_scale) or args.moe_scale < 0:
+    fail(f"--moe_scale {args.moe_scale} must be a finite number >= 0")
+if not 1 <= args.top_k <= args.n_arms:
+    fail(f"--top_k {args.top_k} must be between 1 and --n_arms ({args.n_arms})")
+
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+out_dir = pathlib.Path(args.out_dir)
+try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / ".write_test"
+    probe.write_bytes(b"")
+    probe.unlink()
+except OSError as err:
+    fail(f"--out_dir {out_dir} is not writable ({err.strerror}); pass a folder you can write to")
+
+# -----------------------------------------------------------------------------
+# device and precision
+if args.device == "auto":
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+device = torch.device(args.device)
+if args.dtype == "auto":
+    if device.type == "cuda":
+        # capability 8.0+ has bf16 in hardware; is_bf16_supported() also counts emulation
+        args.dtype = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
+    else:
+        args.dtype = "float32"
+dtype = getattr(torch, args.dtype)
+autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+            else torch.autocast(device.type, enabled=False))
+scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+# -----------------------------------------------------------------------------
+# the frozen backbone: loaded, or the demo's, pretrained once on arithmetic facts
+
+
+def pretrain_demo_backbone(folder, tok):
+    """Train a tiny Mamba on streams of facts such as "12+7=19" and save it to `folder`."""
+    cfg = titan.MambaConfig(d_model=args.demo_d_model, n_layer=args.demo_n_layer, d_state=args.demo_d_state,
+                            vocab_size=tok.n_vocab)
+    lm = titan.MambaLM(cfg).to(device)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    seq = 64
+    print(f"pretraining the demo backbone ({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params) "
+          f"on single-step facts for {args.pretrain_steps} steps")
+    t0 = time.time()
+    for step in range(1, args.pretrain_steps + 1):
+        rows = []
+        for _ in range(32):
+            text = ""
+            while len(text) < seq + 1:
+                text += titan.arithmetic_fact(rng, args.demo_max_value) + "\n"
+            rows.append(tok.encode(text)[:seq + 1])
+        batch = torch.tensor(rows, device=device)
+        lr = 3e-3 * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logits, _ = lm(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.pretrain_steps:
+            print(f"pretrain {step}: loss {loss.item():.4f}, lr {lr:.2e}, {(time.time() - t0) / step * 1000:.0f}ms/step")
+    titan.save_backbone(lm.cpu(), folder)
+    print(f"saved the demo backbone to {folder} ({time.time() - t0:.0f}s)")
+
+
+demo = args.backbone is None
+tok_name = args.tokenizer or ("bytes" if demo else "r50k_base")
+try:
+    tok = titan.get_tokenizer(tok_name)
+except ValueError as err:
+    fail(f"--tokenizer: {err}")
+
+if demo:
+    backbone_dir = out_dir / "demo_backbone"
+    if not (backbone_dir / "pytorch_model.bin").is_file():
+        pretrain_demo_backbone(backbone_dir, tok)
+    source = "demo_backbone"         # stored relative to out_dir, so the folder can move
+    spec = backbone_dir
+else:
+    source = spec = args.backbone
+try:
+    lm, _ = titan.load_backbone(spec, dtype=dtype, device=device)
+except (ValueError, FileNotFoundError) as err:
+    fail(str(err))
+if lm.cfg.vocab_size != tok.n_vocab:
+    fail(f"--tokenizer {tok_name} has {tok.n_vocab} ids but the backbone's vocab_size is {lm.cfg.vocab_size}; "
+         "pass the tokenizer the backbone was trained with")
+
+# -----------------------------------------------------------------------------
+# Titan: the arms grafted onto the frozen backbone
+cfg = titan.TitanConfig(
+    backbone=lm.cfg, inject_layer=args.inject_layer or 0,
+    d_bridge=args.d_bridge or (32 if demo else 512), n_arms=args.n_arms, top_k=args.top_k,
+    d_blackboard=args.d_blackboard or (16 if demo else 64), moe_scale=args.moe_scale,
+    arm_d_state=args.arm_d_state or (8 if demo else 16),
+    blackboard=not args.no_blackboard, load_balance_coef=args.load_balance_coef)
+try:
+    cfg.validate()
+except ValueError as err:
+    fail(str(err).replace("inject_layer", "--inject_layer", 1))
+model = titan.Titan(cfg, lm).to(device)
+trainable = model.trainable_parameters()
+n_frozen = sum(p.numel() for p in model.lm.parameters())
+print(f"Titan: frozen backbone {n_frozen / 1e6:.2f}M params ({args.dtype}), trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M, "
+      f"arms at layer {cfg.inject_layer}/{lm.cfg.n_layer}, moe_scale {cfg.moe_scale}")
+
+# -----------------------------------------------------------------------------
+# data: held-out problems first, so that the training stream can skip them
+if args.data:
+    try:
+        records = titan.read_jsonl(args.data)
+    except ValueError as err:
+        fail(str(err))
+    rng = random.Random(args.seed)
+    rng.shuffle(records)
+    n_eval = min(args.eval_problems, max(1, len(records) // 10))
+    eval_records, train_records = records[:n_eval], records[n_eval:] or records
+else:
+    eval_rng = random.Random(args.seed + 1)
+    eval_records = [titan.arithmetic_problem(eval_rng, eval_rng.choice([2, 3, 4]), args.demo_max_value,
+                                             args.demo_max_operand)
+                    for _ in range(args.eval_problems)]
+    held_out = {r["question"] for r in eval_records}
+    train_records = None
+
+
+def training_examples(rng):
+    """Yield (ids, mask) forever: shuffled file records, or fresh demo problems not held out."""
+    while True:
+        if train_records is not None:
+            order = list(range(len(train_records)))
+            rng.shuffle(order)
+            for i in order:
+                ex = titan.format_example(tok, train_records[i], args.seq_len)
+                if ex is not None:
+                    yield ex
+        else:
+            rec = titan.arithmetic_problem(rng, rng.choice([2, 3, 4]), args.demo_max_value, args.demo_max_operand)
+            if rec["question"] not in held_out:
+                yield titan.format_example(tok, rec, args.seq_len)
+
+
+def held_out_loss(n_batches=4):
+    model.eval()
+    examples = [titan.format_example(tok, r, args.seq_len) for r in eval_records]
+    examples = [e for e in examples if e is not None][:n_batches * args.batch_size]
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        for s in range(0, len(examples), args.batch_size):
+            x, y = titan.make_batch(examples[s:s + args.batch_size], tok.eot_id)
+            logits, _, _ = model(x.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += (y != -100).sum().item()
+    model.train()
+    return total / max(1, count)
+
+
+# -----------------------------------------------------------------------------
+# optimizer over the trainable tensors only, learning rate warmup then cosine decay
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+
+
+def get_lr(step):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+ckpt_path = out_dir / "ckpt.pt"
+step = 0
+data_rng = random.Random(args.seed + 2)
+if args.resume:
+    try:
+        ckpt = titan.read_checkpoint(ckpt_path)
+        model.load_trainable_state_dict(ckpt["trainable"], source=str(ckpt_path))
+    except ValueError as err:
+        fail(f"--resume: {err}")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step = ckpt["step"]
+    data_rng.setstate(ckpt["data_rng"])
+    print(f"resumed from {ckpt_path} at step {step}")
+
+
+def save_checkpoint():
+    ckpt = {"format": titan.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "trainable": model.trainable_state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "data_rng": data_rng.getstate(),
+            "backbone": {"source": str(source), "demo": demo}, "tokenizer": tok_name, "args": vars(args)}
+    try:
+        titan.atomic_save(ckpt, ckpt_path)
+    except OSError as err:
+        print(f"warning: saving {ckpt_path} failed ({err.strerror}); the previous checkpoint is kept", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+examples = training_examples(data_rng)
+model.train()
+t_last, tokens_since = time.time(), 0
+print(f"SFT for {args.max_steps} steps, batch {args.batch_size} x {args.grad_accum}, lr {args.lr}")
+while step < args.max_steps:
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, aux_sum, usage = 0.0, 0.0, torch.zeros(cfg.n_arms)
+    for micro in range(args.grad_accum):
+        x, y = titan.make_batch([next(examples) for _ in range(args.batch_size)], tok.eot_id)
+        x, y = x.to(device), y.to(device)
+        probe = {}
+        with autocast:
+            logits, aux, _ = model(x, probe=probe)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            total = (loss + cfg.load_balance_coef * aux) / args.grad_accum
+        scaler.scale(total).backward()
+        loss_sum += loss.item() / args.grad_accum
+        aux_sum += aux.item() / args.grad_accum
+        usage += (probe["gates"] > 0).float().flatten(0, 1).mean(0).cpu() / args.grad_accum
+        tokens_since += x.numel()
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    if step % args.log_interval == 0 or step == args.max_steps:
+        dt = time.time() - t_last
+        n_logged = args.log_interval if step % args.log_interval == 0 else step % args.log_interval
+        arms = " ".join(f"{u / cfg.top_k:.2f}" for u in usage.tolist())
+        print(f"step {step}: loss {loss_sum:.4f}, aux {aux_sum:.3f}, lr {lr:.2e}, "
+              f"{dt / n_logged * 1000:.0f}ms/step, {tokens_since / dt:.0f} tok/s, arms [{arms}]")
+        t_last, tokens_since = time.time(), 0
+    if step % args.eval_interval == 0 or step == args.max_steps:
+        print(f"step {step}: held-out loss {held_out_loss():.4f}")
+        save_checkpoint()
+
+# -----------------------------------------------------------------------------
+# held-out accuracy with the arms switched off (the backbone alone) and on
+model.eval()
+with autocast:
+    for label, scale in (("backbone alone (moe_scale 0)", 0.0), (f"Titan (moe_scale {cfg.moe_scale})", None)):
+        t0 = time.time()
+        acc, results = titan.evaluate(model, tok, eval_records, max_new_tokens=min(args.seq_len, 96), moe_scale=scale)
+        print(f"held-out accuracy, {label}: {acc:.1%} on {len(eval_records)} problems ({time.time() - t0:.0f}s)")
+print(f"example: {eval_records[0]['question']} -> {results[0][1]!r}")
+print(f"checkpoint: {ckpt_path}")
