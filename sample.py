@@ -77,7 +77,7 @@ with autocast:
         if t == tok.think_id:
             print("\n[thinking]", end="")
         elif t == tok.end_think_id:
-            print("\n[answer] ", end="")
+            print("\n[answer]", end="")
         text = tok.decode([i for i in ids if i < tok.n_vocab])
         if not text.endswith("\ufffd"):             # wait for the rest of a multi-byte character
             print(text[len(printed):], end="", flush=True)

@@ -1,12 +1,18 @@
 """Tests for Titan. Run from the project root: python -m pytest -q"""
 
+import hashlib
 import json
 import math
 import os
 import pathlib
 import random
+import socket
+import struct
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,12 +312,12 @@ def test_load_backbone_shape_mismatch_names_key(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["ssm_cfg"]["d_state"] = 4
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"A_log: .* has \(64, 8\), the model expects \(64, 4\)"):
+    with pytest.raises(ValueError, match=r"A_log: checkpoint has \(64, 8\), model expects \(64, 4\); is d_state right"):
         titan.load_backbone(tmp_path)
 
 
 def test_load_backbone_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(titan.CheckpointError, match="config.json not found"):
         titan.load_backbone(tmp_path)
 
 
@@ -418,12 +424,31 @@ def test_make_batch_pads_with_ignored_targets():
     assert (y[0, len(a[0]) - 1:] == -100).all()
 
 
-def test_format_example_truncates_to_seq_len():
+def test_format_example_truncates_reasoning_not_answer():
     tok = titan.byte_tokenizer()
-    rec = {"question": "q", "reasoning": "x" * 500, "answer": "a"}
-    ids, mask = titan.format_example(tok, rec, seq_len=64)
+    rec = {"question": "q", "reasoning": "x" * 500, "answer": "42"}
+    stats = {}
+    ids, mask = titan.format_example(tok, rec, seq_len=64, stats=stats)
     assert len(ids) == 65 and len(mask) == 65
-    assert titan.format_example(tok, {"question": "q" * 100, "reasoning": "", "answer": "a"}, seq_len=64) is None
+    assert ids[-5:] == [tok.end_think_id] + tok.encode("\n42") + [tok.eot_id], tok.decode(ids)
+    full, _ = titan.format_example(tok, rec)
+    assert stats["cut_tokens"] == len(full) - 65
+    too_long = {"question": "q" * 100, "reasoning": "", "answer": "a"}
+    assert titan.format_example(tok, too_long, seq_len=64) is None
+
+
+@pytest.mark.parametrize("response,reasoning,answer", [
+    ("<think>\nr\n</think>\n\nA", "r", "A"),             # DeepSeek-style
+    ("r</think>A", "r", "A"),                              # opening tag in the chat template
+    ("<think></think>A", "", "A"),                         # empty reasoning
+    ("just A", "", "just A"),                              # no thinking at all
+])
+def test_split_thinking_shapes(response, reasoning, answer):
+    assert titan.split_thinking("Q", response) == {"question": "Q", "reasoning": reasoning, "answer": answer}
+
+
+def test_split_thinking_unclosed_is_invalid():
+    assert titan.split_thinking("Q", "<think> cut off mid-thought") is None
 
 
 def test_read_jsonl_shapes(tmp_path):
@@ -440,12 +465,15 @@ def test_read_jsonl_shapes(tmp_path):
 
 def test_read_jsonl_skips_bad_lines(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"question": "q", "answer": "a"}\n{not json\n{"question": "q2", "answer": "a2"}\n'
-                     b'{"question": "q3", "answer": "a3"}\n')
+    good = b'{"question": "q", "answer": "a"}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"{not json\n" + good + b"\n\n" + b'{"question": "\xff", "answer": "a"}\n'
+                     + good + b'{"question": "q\x00", "answer": "a"}\n' + good + good)
     messages = []
     records = titan.read_jsonl(path, log=messages.append)
-    assert len(records) == 3
-    assert "line 2" in messages[0], messages
+    assert len(records) == 5, "the BOM line and every valid line are kept"
+    assert "skipped 3 of 8 lines" in messages[0], messages
+    for lineno in ("line 2", "line 6", "line 8"):
+        assert lineno in messages[0], (lineno, messages)
 
 
 @pytest.mark.parametrize("content,match", [(b"", "no valid record"), (b"[1]\n{}\n", "no valid record"),
@@ -721,3 +749,735 @@ def test_neox_special_literal_stays_text(neox, text):
     ids = neox.encode(text)
     assert not {0, 1} & set(ids), ids
     assert neox.decode(ids) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# hub download, safetensors and both checkpoint layouts, against a loopback server on 127.0.0.1
+#
+# The checkpoints are tiny random Mamba-1 models (d_model 16, n_layer 2, vocab 50, d_state 4)
+# written in both the state-spaces and the transformers layout.
+
+REPO_BIN = "state-spaces/tiny"
+REPO_SAFETENSORS = "state-spaces/tiny-hf"
+REPO_SHARDED = "state-spaces/tiny-hf-sharded"
+TOKENIZER = {"model": {"vocab": {f"t{i}": i for i in range(47)}},
+             "added_tokens": [{"id": i} for i in (47, 48, 49)]}
+
+
+# ---------------------------------------------------------------- fake hub
+
+
+class FakeHub:
+    """Loopback server for /<repo>/resolve/main/<file> with switchable faults.
+
+    `requests` logs (path, Range header) of every GET. A path in `cuts` closes the connection
+    after half the body, once per count. With `ignore_range` set, the server sends the whole file
+    for a Range request.
+    """
+
+    def __init__(self):
+        self.files, self.headers, self.redirects = {}, {}, {}
+        self.requests, self.cuts, self.ignore_range = [], {}, False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHubHandler)
+        self.server.daemon_threads = True
+        self.server.hub = self
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def add(self, repo: str, name: str, data: bytes, headers: dict | None = None) -> str:
+        """Serve `data` as `name` in `repo`, with a real hub's ETag unless `headers` is given; return its path."""
+        path = f"/{repo}/resolve/main/{name}"
+        self.files[path] = data
+        if headers is None:  # LFS files carry their sha256, small files a git sha1
+            is_lfs = name.endswith((".bin", ".safetensors"))
+            digest = hashlib.sha256(data) if is_lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)
+            headers = {"ETag": f'"{digest.hexdigest()}"'}
+        self.headers[path] = headers
+        return path
+
+    def add_repo(self, repo: str, files: dict[str, bytes]) -> None:
+        for name, data in files.items():
+            self.add(repo, name, data)
+
+    def paths_requested(self) -> list[str]:
+        return [path for path, _ in self.requests]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _FakeHubHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        fake = self.server.hub
+        fake.requests.append((self.path, self.headers.get("Range")))
+        if self.path in fake.redirects:
+            location, headers = fake.redirects[self.path]
+            self.send_response(302)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = fake.files.get(self.path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+
+        start = 0
+        range_header = self.headers.get("Range")
+        if range_header and not fake.ignore_range:
+            start = int(range_header.removeprefix("bytes=").rstrip("-"))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        for key, value in fake.headers.get(self.path, {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+
+        body = data[start:]
+        if fake.cuts.get(self.path, 0) > 0:
+            fake.cuts[self.path] -= 1
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def offline_environment(tmp_path, monkeypatch):
+    """Point the hub at a closed loopback port and the cache at a temporary folder, with no proxy."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------- tiny checkpoints
+
+
+def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random backbone weights with state-spaces names and a tied lm_head (vocab 50 padded to 56)."""
+    config = {"d_model": 16, "n_layer": 2, "vocab_size": 56, "d_state": 4, "d_conv": 4, "expand": 2, "dt_rank": 1}
+    generator = torch.Generator().manual_seed(seed)
+    shapes = titan.backbone_shapes(config)
+    state_dict = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    state_dict["lm_head.weight"] = state_dict["backbone.embedding.weight"]
+    return state_dict
+
+
+STATE_SPACES_CONFIG = {"d_model": 16, "n_layer": 2, "vocab_size": 50, "ssm_cfg": {"d_state": 4}, "rms_norm": True,
+                       "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+                       "tie_embeddings": True}
+TRANSFORMERS_CONFIG = {"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 56,
+                       "state_size": 4, "conv_kernel": 4, "expand": 2, "time_step_rank": 1,
+                       "layer_norm_epsilon": 1e-5, "intermediate_size": 32, "use_conv_bias": True,
+                       "use_bias": False, "tie_word_embeddings": True}
+SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
+                     torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], align: bool = True) -> bytes:
+    """Serialize tensors in the safetensors format; align=False leaves the header unpadded."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header_bytes = json.dumps(header).encode()
+    if align:
+        header_bytes += b" " * (-len(header_bytes) % 8)
+    return struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(chunks)
+
+
+def torch_save_bytes(obj, tmp_path: Path, **kwargs) -> bytes:
+    path = tmp_path / "saved.bin"
+    torch.save(obj, path, **kwargs)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename to the transformers layout, and leave out the tied lm_head as transformers does."""
+    renamed = {name.replace("backbone.embedding.", "backbone.embeddings."): t for name, t in state_dict.items()}
+    renamed.pop("lm_head.weight")
+    return renamed
+
+
+def repo_files(layout: str, tmp_path: Path, state_dict: dict | None = None) -> dict[str, bytes]:
+    """Return the files of a tiny repo in `layout`: "bin", "safetensors" or "sharded"."""
+    state_dict = state_dict or tiny_state_dict()
+    if layout == "bin":
+        return {"config.json": json.dumps(STATE_SPACES_CONFIG).encode(),
+                "pytorch_model.bin": torch_save_bytes(state_dict, tmp_path),
+                "tokenizer.json": json.dumps(TOKENIZER).encode()}
+    renamed = transformers_state_dict(state_dict)
+    files = {"config.json": json.dumps(TRANSFORMERS_CONFIG).encode()}
+    if layout == "safetensors":
+        files["model.safetensors"] = safetensors_bytes(renamed)
+        return files
+    names = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        files[shard] = safetensors_bytes({name: renamed[name] for name in shard_names})
+        weight_map.update({name: shard for name in shard_names})
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    return files
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- download_file
+
+
+def test_download_file_shows_progress(fake_hub, tmp_path, capsys):
+    data = os.urandom(300_000)
+    path = fake_hub.add("o/r", "model.safetensors", data)
+    dest = titan.download_file(fake_hub.url + path, tmp_path / "model.safetensors")
+    stderr = capsys.readouterr().err
+    assert dest.read_bytes() == data, "downloaded bytes differ from the served file"
+    assert "model.safetensors: 0.3/0.3 MB" in stderr, f"progress line missing sizes: {stderr!r}"
+    assert "MB/s" in stderr, f"progress line missing the rate: {stderr!r}"
+    assert not (tmp_path / "model.safetensors.incomplete").exists(), "the .incomplete file was left behind"
+
+
+def test_download_resumes_after_drop(fake_hub, tmp_path):
+    data = os.urandom(200_001)
+    path = fake_hub.add("o/r", "pytorch_model.bin", data)
+    fake_hub.cuts[path] = 1
+    dest = titan.download_file(fake_hub.url + path, tmp_path / "w.bin", progress=False, retry_delay_s=0)
+    ranges = [header for _, header in fake_hub.requests]
+    assert ranges[0] is None, f"the first request should not ask for a range: {ranges}"
+    assert ranges[1] == f"bytes={len(data) // 2}-", f"the retry should resume at the half-way byte: {ranges}"
+    assert dest.read_bytes() == data, "the resumed file is not byte-identical to the served one"
+
+
+def test_download_keeps_partial_for_next_run(fake_hub, tmp_path):
+    data = os.urandom(100_000)
+    path = fake_hub.add("o/r", "pytorch_model.bin", data)
+    fake_hub.cuts[path] = 1
+    dest = tmp_path / "w.bin"
+    with pytest.raises(titan.DownloadError, match="next run resumes"):
+        titan.download_file(fake_hub.url + path, dest, progress=False, retries=0)
+    partial = tmp_path / "w.bin.incomplete"
+    assert partial.stat().st_size == len(data) // 2, "the partial file should hold the bytes received"
+    assert not dest.exists(), "a partial download must not appear at the final path"
+
+    titan.download_file(fake_hub.url + path, dest, progress=False, retries=0)
+    assert fake_hub.requests[-1][1] == f"bytes={len(data) // 2}-", "the second run should resume with Range"
+    assert dest.read_bytes() == data, "the resumed file is not byte-identical to the served one"
+
+
+def test_download_restarts_if_range_ignored(fake_hub, tmp_path):
+    data = os.urandom(50_000)
+    path = fake_hub.add("o/r", "pytorch_model.bin", data)
+    fake_hub.ignore_range = True
+    (tmp_path / "w.bin.incomplete").write_bytes(b"\0" * 20_000)  # stale bytes that must be overwritten
+    dest = titan.download_file(fake_hub.url + path, tmp_path / "w.bin", progress=False)
+    assert fake_hub.requests[0][1] == "bytes=20000-", "the download should have tried to resume"
+    assert dest.read_bytes() == data, "a 200 answer to a Range request must replace the partial file"
+
+
+def test_download_handles_416(fake_hub, tmp_path):
+    data = os.urandom(10_000)
+    path = fake_hub.add("o/r", "pytorch_model.bin", data)
+    (tmp_path / "done.bin.incomplete").write_bytes(data)  # complete, but never renamed
+    done = titan.download_file(fake_hub.url + path, tmp_path / "done.bin", progress=False)
+    assert done.read_bytes() == data, "a complete partial file should be verified and kept after 416"
+    assert len(fake_hub.requests) == 1, "a complete partial file should need no second request"
+
+    (tmp_path / "long.bin.incomplete").write_bytes(data + b"junk")
+    long = titan.download_file(fake_hub.url + path, tmp_path / "long.bin", progress=False)
+    assert long.read_bytes() == data, "a partial file longer than the file should be downloaded afresh"
+
+
+@pytest.mark.parametrize("headers", [
+    {"ETag": f'"{"0" * 64}"'},
+    {"ETag": f'W/"{"0" * 64}"'},
+    {"X-Linked-Etag": "0" * 64, "ETag": '"not-a-hash"'},
+    {"X-Linked-Size": "10007"},
+], ids=["etag", "weak-etag", "x-linked-etag", "x-linked-size"])
+def test_download_rejects_corrupt_file(fake_hub, tmp_path, headers):
+    path = fake_hub.add("o/r", "pytorch_model.bin", os.urandom(10_000), headers)
+    dest = tmp_path / "w.bin"
+    with pytest.raises(titan.DownloadError, match="sha256|announced 10007") as raised:
+        titan.download_file(fake_hub.url + path, dest, progress=False)
+    assert fake_hub.url + path in str(raised.value), f"the error should name the URL: {raised.value}"
+    assert not dest.exists(), "a corrupt file must not appear at the final path"
+    assert not (tmp_path / "w.bin.incomplete").exists(), "a corrupt partial file must be deleted"
+
+
+def test_download_ignores_git_sha1_etag(fake_hub, tmp_path):
+    data = b'{"d_model": 16}'
+    path = fake_hub.add("o/r", "config.json", data, {"ETag": f'"{"a" * 40}"'})
+    dest = titan.download_file(fake_hub.url + path, tmp_path / "config.json", progress=False)
+    assert dest.read_bytes() == data, "a 40-hex git sha1 ETag must not be checked as a sha256"
+
+
+def test_download_reads_hub_headers_on_redirect(fake_hub, tmp_path):
+    storage = FakeHub()  # a second port, so a second host as far as the URL goes
+    try:
+        data = os.urandom(30_000)
+        storage.add("cdn", "blob", data, {"ETag": f'"{"f" * 64}"'})  # storage's own ETag is not a sha256
+        good = fake_hub.add("o/r", "good.bin", b"")
+        bad = fake_hub.add("o/r", "bad.bin", b"")
+        unlinked = fake_hub.add("o/r", "unlinked.bin", b"")
+        blob_url = storage.url + "/cdn/resolve/main/blob"
+        fake_hub.redirects[good] = (blob_url, {"X-Linked-Etag": f'"{sha256_hex(data)}"',
+                                               "X-Linked-Size": str(len(data))})
+        fake_hub.redirects[bad] = (blob_url, {"X-Linked-Etag": f'"{"1" * 64}"', "X-Linked-Size": str(len(data))})
+        fake_hub.redirects[unlinked] = (blob_url, {})
+
+        dest = titan.download_file(fake_hub.url + good, tmp_path / "good.bin", progress=False)
+        assert dest.read_bytes() == data, "X-Linked-Etag should be checked in place of the storage host's ETag"
+        dest = titan.download_file(fake_hub.url + unlinked, tmp_path / "unlinked.bin", progress=False)
+        assert dest.read_bytes() == data, "the storage host's ETag must not be checked as the sha256"
+        with pytest.raises(titan.DownloadError, match="sha256"):
+            titan.download_file(fake_hub.url + bad, tmp_path / "bad.bin", progress=False)
+        assert not (tmp_path / "bad.bin").exists(), "X-Linked-Etag on the redirect must be checked"
+    finally:
+        storage.stop()
+
+
+def test_download_http_error_names_status(fake_hub, tmp_path):
+    url = fake_hub.url + "/o/r/resolve/main/missing.bin"
+    with pytest.raises(titan.DownloadError) as raised:
+        titan.download_file(url, tmp_path / "missing.bin", progress=False)
+    assert raised.value.status == 404, "the error should carry the HTTP status"
+    assert "HTTP 404" in str(raised.value), f"the message should give the status: {raised.value}"
+    assert url in str(raised.value), f"the message should give the URL: {raised.value}"
+
+
+# ---------------------------------------------------------------- resolve_backbone
+
+
+def test_resolve_downloads_then_works_offline(fake_hub, tmp_path, capsys):
+    fake_hub.add_repo(REPO_BIN, repo_files("bin", tmp_path))
+    folder = titan.resolve_backbone(REPO_BIN)
+    assert folder == tmp_path / "cache" / "state-spaces--tiny", f"unexpected cache folder {folder}"
+    assert "pytorch_model.bin:" in capsys.readouterr().err, "the weights download should print progress"
+    assert not any(p.endswith("model.safetensors") for p in fake_hub.paths_requested()), \
+        "safetensors should not be tried when pytorch_model.bin exists"
+
+    fake_hub.stop()
+    fake_hub.stop = lambda: None  # the fixture would stop it again
+    assert titan.resolve_backbone(REPO_BIN, progress=False) == folder, "the cached folder should be used offline"
+    config, state_dict, tokenizer = titan.read_backbone_files(folder)
+    assert config["d_state"] == 4, f"config read from the cache is wrong: {config}"
+    assert tokenizer == folder / "tokenizer.json", "the cached tokenizer should be found"
+
+
+def test_resolve_falls_back_to_safetensors(fake_hub, tmp_path):
+    fake_hub.add_repo(REPO_SAFETENSORS, repo_files("safetensors", tmp_path))
+    folder = titan.resolve_backbone(REPO_SAFETENSORS, progress=False)
+    requested = [p.rsplit("/", 1)[1] for p in fake_hub.paths_requested()]
+    assert requested == ["config.json", "tokenizer.json", "pytorch_model.bin", "model.safetensors"], \
+        f"unexpected request order: {requested}"
+    assert (folder / "model.safetensors").is_file(), "model.safetensors should be cached"
+    assert not (folder / "tokenizer.json").exists(), "a 404 for the optional tokenizer should be skipped"
+
+    fake_hub.stop()
+    fake_hub.stop = lambda: None  # the fixture would stop it again
+    assert titan.resolve_backbone(REPO_SAFETENSORS) == folder, "a cache without the optional tokenizer should do"
+
+
+def test_resolve_falls_back_to_sharded(fake_hub, tmp_path):
+    files = repo_files("sharded", tmp_path)
+    fake_hub.add_repo(REPO_SHARDED, files)
+    folder = titan.resolve_backbone(REPO_SHARDED, progress=False)
+    requested = {p.rsplit("/", 1)[1] for p in fake_hub.paths_requested()}
+    assert {"pytorch_model.bin", "model.safetensors"} <= requested, "both single-file names should be tried first"
+    for name in files:
+        assert (folder / name).is_file(), f"{name} should be cached"
+
+
+def test_resolve_without_weights_fails(fake_hub):
+    fake_hub.add("o/empty", "config.json", b"{}")
+    with pytest.raises(titan.DownloadError, match="none of the weight files"):
+        titan.resolve_backbone("o/empty", progress=False)
+
+
+def test_resolve_unknown_repo_fails(fake_hub):
+    with pytest.raises(titan.DownloadError) as raised:
+        titan.resolve_backbone("o/missing", progress=False)
+    message = str(raised.value)
+    assert "config.json not found in cache" in message, message
+    assert "HTTP 404" in message, message
+    assert "check the repo id or pass a local folder" in message, message
+
+
+def test_resolve_offline_without_cache_fails():
+    with pytest.raises(titan.DownloadError) as raised:
+        titan.resolve_backbone("state-spaces/mamba-1.4b", progress=False)
+    message = str(raised.value)
+    assert message.startswith("--backbone state-spaces/mamba-1.4b: config.json not found in cache"), message
+    assert "check the network or pass a local folder" in message, message
+
+
+def test_resolve_rejects_corrupt_download(fake_hub, tmp_path):
+    files = repo_files("bin", tmp_path)
+    fake_hub.add_repo(REPO_BIN, files)
+    fake_hub.headers[f"/{REPO_BIN}/resolve/main/pytorch_model.bin"] = {"X-Linked-Etag": "0" * 64}
+    with pytest.raises(titan.DownloadError, match="sha256"):
+        titan.resolve_backbone(REPO_BIN, progress=False)
+    folder = tmp_path / "cache" / "state-spaces--tiny"
+    assert not (folder / "pytorch_model.bin").exists(), "the corrupt weights must not be cached"
+    with pytest.raises(titan.CheckpointError, match="no weights found"):
+        titan.read_backbone_files(folder)
+
+
+def test_resolve_local_paths(tmp_path):
+    folder = write_folder(tmp_path / "local", {"config.json": b"{}", "model.safetensors": b""})
+    assert titan.resolve_backbone(str(folder)) == folder, "a folder should be returned as is"
+    assert titan.resolve_backbone(str(folder / "model.safetensors")) == folder, "a file should give its folder"
+    for spec in ("./missing", str(tmp_path / "missing"), "checkpoints/pytorch_model.bin", "~/missing"):
+        with pytest.raises(FileNotFoundError, match="no such file or folder"):
+            titan.resolve_backbone(spec)
+
+
+def test_cache_dir_environment(tmp_path, monkeypatch):
+    assert titan.hub_cache_dir() == tmp_path / "cache", "HF_HUB_CACHE should win"
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert titan.hub_cache_dir() == tmp_path / "home" / "hub", "HF_HOME/hub should come next"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert titan.hub_cache_dir() == tmp_path / ".cache" / "titan" / "hub", "the project default should come last"
+
+
+# ---------------------------------------------------------------- read_backbone_files
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded"])
+def test_layouts_normalise_identically(tmp_path, layout):
+    state_spaces_folder = write_folder(tmp_path / "ss", repo_files("bin", tmp_path))
+    expected_config, expected_state, _ = titan.read_backbone_files(state_spaces_folder)
+    config, state_dict, _ = titan.read_backbone_files(write_folder(tmp_path / "hf", repo_files(layout, tmp_path)))
+    assert expected_config == {"d_model": 16, "n_layer": 2, "vocab_size": 56, "pad_vocab_size_multiple": 8,
+                               "d_state": 4, "d_conv": 4, "expand": 2, "dt_rank": 1, "norm_eps": 1e-5}, \
+        f"unexpected canonical config {expected_config}"
+    assert config == expected_config, f"{layout} config {config} differs from {expected_config}"
+    assert sorted(state_dict) == sorted(expected_state), "the two layouts give different keys"
+    for name, tensor in expected_state.items():
+        assert torch.equal(state_dict[name], tensor), f"{name} differs between layouts"
+    assert "lm_head.weight" not in state_dict, "the tied lm_head should be dropped"
+
+
+def test_unpadded_vocab_kept(tmp_path):
+    state_dict = tiny_state_dict()
+    state_dict["backbone.embedding.weight"] = state_dict["lm_head.weight"] = torch.randn(50, 16)
+    files = repo_files("safetensors", tmp_path, state_dict)
+    files["config.json"] = json.dumps({**TRANSFORMERS_CONFIG, "vocab_size": 50}).encode()
+    config, _, _ = titan.read_backbone_files(write_folder(tmp_path / "unpadded", files))
+    assert config["vocab_size"] == 50, f"vocab_size should be the stored row count: {config}"
+    assert config["pad_vocab_size_multiple"] == 1, f"padding 50 rows to 56 would not fit the weights: {config}"
+
+
+def test_embedding_rows_must_fit_vocab(tmp_path):
+    files = repo_files("bin", tmp_path)
+    files["config.json"] = json.dumps({**STATE_SPACES_CONFIG, "vocab_size": 60}).encode()
+    with pytest.raises(titan.CheckpointError, match="embedding has 56 rows"):
+        titan.read_backbone_files(write_folder(tmp_path / "rows", files))
+
+
+def test_untied_head_rejected(tmp_path):
+    state_dict = tiny_state_dict()
+    state_dict["lm_head.weight"] = state_dict["lm_head.weight"] + 1
+    folder = write_folder(tmp_path / "untied", repo_files("bin", tmp_path, state_dict))
+    with pytest.raises(titan.CheckpointError, match="lm_head.weight differs"):
+        titan.read_backbone_files(folder)
+
+
+def test_legacy_bin_format_loads(tmp_path):
+    files = repo_files("bin", tmp_path)
+    legacy = torch_save_bytes(tiny_state_dict(), tmp_path, _use_new_zipfile_serialization=False)
+    files["pytorch_model.bin"] = legacy
+    _, state_dict, _ = titan.read_backbone_files(write_folder(tmp_path / "legacy", files))
+    assert torch.equal(state_dict["backbone.norm_f.weight"], tiny_state_dict()["backbone.norm_f.weight"]), \
+        "the legacy torch.save format should load without mmap"
+
+
+def test_pickle_payload_rejected(tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    files = repo_files("bin", tmp_path)
+    files["pytorch_model.bin"] = torch_save_bytes({"backbone.norm_f.weight": Payload()}, tmp_path)
+    folder = write_folder(tmp_path / "evil", files)
+    with pytest.raises(titan.CheckpointError, match="weights_only"):
+        titan.read_backbone_files(folder)
+    assert not marker.exists(), "the pickle payload ran during loading"
+
+    torch.load(folder / "pytorch_model.bin", weights_only=False)
+    assert marker.exists(), "the payload should run without weights_only, or this test proves nothing"
+
+
+def test_config_mismatch_names_tensor(tmp_path):
+    files = repo_files("bin", tmp_path)
+    files["config.json"] = json.dumps({**STATE_SPACES_CONFIG, "ssm_cfg": {"d_state": 8}}).encode()
+    with pytest.raises(titan.CheckpointError, match=r"A_log: checkpoint has \(32, 4\), model expects \(32, 8\)"):
+        titan.read_backbone_files(write_folder(tmp_path / "wrong", files))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**STATE_SPACES_CONFIG, "ssm_cfg": {"layer": "Mamba2"}}, "ssm_cfg layer is Mamba2"),
+    ({**STATE_SPACES_CONFIG, "tie_embeddings": False}, "unties the output head"),
+    ({**TRANSFORMERS_CONFIG, "model_type": "mamba2"}, "model_type is mamba2"),
+    ({"n_layer": 2}, "neither d_model"),
+    ({"d_model": 16}, "missing 'n_layer'"),
+], ids=["mamba2", "untied", "hf-mamba2", "unknown", "missing-key"])
+def test_unsupported_config_rejected(tmp_path, config, message):
+    files = repo_files("bin", tmp_path)
+    files["config.json"] = json.dumps(config).encode()
+    with pytest.raises(titan.CheckpointError, match=message):
+        titan.read_backbone_files(write_folder(tmp_path / "bad", files))
+
+
+def test_tokenizer_vocab_size(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(TOKENIZER))
+    assert titan.tokenizer_vocab_size(path) == 50, "47 vocabulary ids plus 3 added tokens should give 50"
+
+
+# ---------------------------------------------------------------- check_state_dict
+
+
+def test_check_state_dict_lists_every_problem():
+    expected = {"a": (2, 3), "backbone.layers.0.mixer.A_log": (3072, 8), "gone": (1,)}
+    got = {"a": torch.zeros(2, 3), "backbone.layers.0.mixer.A_log": torch.zeros(3072, 16),
+           "extra": torch.zeros(1)}
+    with pytest.raises(titan.CheckpointError) as raised:
+        titan.check_state_dict(expected, got, "ckpt.bin")
+    message = str(raised.value)
+    expected_line = "backbone.layers.0.mixer.A_log: checkpoint has (3072, 16), model expects (3072, 8)"
+    assert expected_line + "; is d_state right?" in message, message
+    assert "1 missing keys:\n    gone" in message, message
+    assert "1 unexpected keys:\n    extra" in message, message
+    assert message.startswith("ckpt.bin does not fit the model"), message
+
+
+def test_check_state_dict_accepts_match():
+    shapes = {"a": (2, 3)}
+    assert titan.check_state_dict(shapes, {"a": torch.zeros(2, 3)}, "ckpt") is None, "a matching dict should pass"
+
+
+# ---------------------------------------------------------------- read_safetensors
+
+
+@pytest.mark.parametrize("align", [True, False], ids=["aligned", "unaligned"])
+def test_safetensors_round_trip(tmp_path, align):
+    generator = torch.Generator().manual_seed(1)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 3, 4, generator=generator).bfloat16(),
+        "i64": torch.tensor([-(2**40), 0, 2**62]),
+        "f64": torch.tensor(math.pi, dtype=torch.float64),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, align=align))
+    loaded = titan.read_safetensors(path)
+    assert sorted(loaded) == sorted(tensors), "tensor names differ"
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype, f"{name}: dtype {loaded[name].dtype} != {tensor.dtype}"
+        assert loaded[name].shape == tensor.shape, f"{name}: shape {loaded[name].shape} != {tensor.shape}"
+        assert torch.equal(loaded[name], tensor), f"{name}: values differ"
+
+
+def test_safetensors_is_memory_mapped(tmp_path):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(safetensors_bytes({"a": torch.ones(1000), "b": torch.zeros(1000)}))
+    loaded = titan.read_safetensors(path)
+    assert loaded["a"].untyped_storage().data_ptr() == loaded["b"].untyped_storage().data_ptr(), \
+        "tensors should be views of one mapping, not copies"
+    assert loaded["a"].untyped_storage().nbytes() == path.stat().st_size, "the mapping should cover the file"
+
+
+def corrupt_header(header: dict) -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + b"\0" * 16
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01\x02", "too short"),
+    (struct.pack("<Q", 10**12) + b"{}", "does not fit"),
+    (struct.pack("<Q", 4) + b"{no}", "invalid JSON"),
+    (corrupt_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}), "'w': data_offsets"),
+    (corrupt_header({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}), "'w': 16 bytes"),
+    (corrupt_header({"w": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}), "'w' has an invalid entry"),
+    (corrupt_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "'w' has an invalid shape"),
+], ids=["short", "header-length", "json", "offsets", "size", "dtype", "shape"])
+def test_safetensors_corrupt_header(tmp_path, data, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(titan.CheckpointError, match=message):
+        titan.read_safetensors(path)
+
+
+def test_sharded_index_rejects_path_in_shard_name(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    with pytest.raises(titan.CheckpointError, match="not a plain file name"):
+        titan.read_safetensors_sharded(index)
+
+
+@pytest.mark.parametrize("layout", ["bin", "safetensors", "sharded"])
+def test_layouts_give_identical_logits(tmp_path, layout):
+    reference, _ = titan.load_backbone(write_folder(tmp_path / "ss", repo_files("bin", tmp_path)), vocab_size=50)
+    model, _ = titan.load_backbone(write_folder(tmp_path / layout, repo_files(layout, tmp_path)), vocab_size=50)
+    ids = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], reference(ids)[0])
+
+
+def test_load_backbone_from_loopback_hub(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    fake_hub.add_repo(REPO_BIN, repo_files("bin", tmp_path))
+    model, folder = titan.load_backbone(REPO_BIN, vocab_size=50, dtype=torch.bfloat16, progress=False)
+    assert folder == tmp_path / "cache" / "state-spaces--tiny"
+    assert model.embedding.weight.dtype == torch.bfloat16
+    assert model.layers[0].mixer.A_log.dtype == torch.float32
+
+
+def test_wrong_tokenizer_size_is_an_error(tmp_path):
+    folder = write_folder(tmp_path / "ss", repo_files("bin", tmp_path))
+    with pytest.raises(titan.CheckpointError, match="pass the tokenizer the backbone was trained with"):
+        titan.load_backbone(folder, vocab_size=40)
+    model, _ = titan.load_backbone(folder, vocab_size=40, force_vocab=True)
+    assert model.cfg.vocab_size == 40 and model.cfg.padded_vocab_size == 56
+
+
+def test_dry_run_plans_without_download(tmp_path):
+    result = run(["train.py", "--dry_run", "--backbone", "state-spaces/mamba-1.4b", "--seq_len", "2048",
+                  "--batch_size", "1", "--dtype", "bfloat16", "--vram_gb", "4", "--out_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    for part in ("frozen weights", "trainable weights", "optimizer state", "activations", "total"):
+        assert part in result.stdout, part
+    assert "exceeds the 4.0 GiB budget" in result.stdout, result.stdout
+
+
+def test_memory_plan_frozen_weights_exact():
+    cfg = titan.TitanConfig(backbone=titan.MambaConfig(d_model=2048, n_layer=48, vocab_size=50277))
+    plan = titan.sft_memory_plan(cfg, 1, 2048, torch.bfloat16)
+    lm = titan.MambaLM(titan.MambaConfig(d_model=64, n_layer=2, vocab_size=50277))
+    assert 2.5 * 2**30 < plan["frozen weights"] < 2.7 * 2**30, plan
+    small = titan.sft_memory_plan(titan.TitanConfig(backbone=lm.cfg, d_bridge=16), 1, 8, torch.bfloat16)
+    fp32 = ("A_log", "D", "dt_proj.bias")
+    expected = sum(p.numel() * (4 if name.endswith(fp32) else 2) for name, p in lm.named_parameters())
+    assert small["frozen weights"] == expected, (small, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect.py metrics on constructed cases
+
+
+@pytest.fixture(scope="module")
+def inspect_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("titan_inspect", ROOT / "inspect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_row_norm_percentile_of_smallest_row(inspect_module):
+    weight = torch.randn(100, 8) + 1.0
+    weight[42] = weight.norm(dim=-1).min() * 0.5 * weight[42] / weight[42].norm()
+    stats = inspect_module.row_norm_stats(weight, 42)
+    assert stats["percentile"] == 0.0 and stats["rank"] == 0, stats
+    weight[42] *= 1000
+    assert inspect_module.row_norm_stats(weight, 42)["percentile"] == pytest.approx(99.0)
+
+
+def test_zero_up_projection_survives_nothing(inspect_module):
+    model = tiny_titan().eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with_arms, without = {}, {}
+    with torch.no_grad():
+        logits, _, _ = model(ids, probe=with_arms, moe_scale=3.0)
+        logits_off, _, _ = model(ids, probe=without, moe_scale=0.0)
+    share, kl = inspect_module.surviving_signal(with_arms["final_hidden"], without["final_hidden"], logits, logits_off)
+    assert share == 0.0 and kl == 0.0, (share, kl)
+    torch.nn.init.normal_(model.arms.up.weight, std=0.5)
+    with torch.no_grad():
+        logits, _, _ = model(ids, probe=with_arms, moe_scale=3.0)
+    share, kl = inspect_module.surviving_signal(with_arms["final_hidden"], without["final_hidden"], logits, logits_off)
+    assert share > 0 and kl > 0, (share, kl)
+
+
+def test_routing_entropy_limits(inspect_module):
+    assert inspect_module.routing_entropy(torch.full((5, 8), 1 / 8)) == pytest.approx(math.log(8))
+    assert inspect_module.routing_entropy(F.one_hot(torch.zeros(5, dtype=torch.long), 8).float()) == pytest.approx(0.0)
+
+
+def test_lock_needs_loop_and_high_cosine(inspect_module):
+    ids = [7, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6]
+    assert inspect_module.lock_start(ids, [0.0] + [0.99] * 10, 0.95) == 1
+    assert inspect_module.lock_start(ids, [0.0] + [0.5] * 10, 0.95) is None, "tokens loop but the state moves"
+    assert inspect_module.lock_start([1, 2, 3, 4, 5, 6, 7, 8], [0.0] + [0.99] * 7, 0.95) is None
+
+
+def test_think_steps_counts_lines(inspect_module):
+    assert inspect_module.think_steps("<think>\n1+2=3\n3+4=7\n</think>\n7") == 2
+    assert inspect_module.think_steps("<think>\n1+2=3") is None
+
+
+def test_cosine_matrix_diagonal(inspect_module):
+    sims = inspect_module.cosine_matrix(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]))
+    assert torch.allclose(sims, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]))

@@ -30,13 +30,23 @@ D -> D, x -> u (the scan input) and h -> the SSM state.
 """
 
 import dataclasses
+import hashlib
+import http.client
 import json
 import math
 import os
 import pathlib
+import pickle
 import random
 import re
+import struct
+import sys
+import time
 import unicodedata
+import urllib.error
+import urllib.request
+import zipfile
+from urllib.parse import urlparse
 
 import tiktoken
 import torch
@@ -61,6 +71,7 @@ class MambaConfig:
     expand: int = 2
     dt_rank: int = 0                 # 0 means ceil(d_model / 16)
     norm_eps: float = 1e-5
+    embedding_rows: int = 0          # 0 means vocab_size padded up to pad_vocab_size_multiple
 
     def __post_init__(self):
         if self.dt_rank == 0:
@@ -73,7 +84,7 @@ class MambaConfig:
     @property
     def padded_vocab_size(self):
         m = self.pad_vocab_size_multiple
-        return (self.vocab_size + m - 1) // m * m
+        return self.embedding_rows or (self.vocab_size + m - 1) // m * m
 
 
 @dataclasses.dataclass
@@ -452,8 +463,8 @@ class Blackboard(nn.Module):
 class MixtureOfArms(nn.Module):
     """Bridge down, 8 Mamba arms, top-k router, Blackboard, bridge up.
 
-    NOTE: every arm runs on every token, so that each arm's recurrent state sees the whole
-    sequence; top-k only selects which arm outputs are mixed in. Skipping unselected arms would
+    NOTE: every arm runs on every token, so that each arm's recurrent state covers the whole
+    sequence. Top-k only selects which arm outputs are mixed in. Skipping unselected arms would
     save compute but leave holes in their states.
     """
 
@@ -552,7 +563,7 @@ class Titan(nn.Module):
         return torch.where((ids >= v)[..., None], new.to(base.dtype), base)
 
     def head_weight(self):
-        """The LM head: frozen backbone rows for real ids, then the 3 new rows. (v, d)"""
+        """Return the LM head (v, d): frozen backbone rows for real ids, then the 3 new rows."""
         w = self.lm.embedding.weight[:self.cfg.backbone.vocab_size]
         return torch.cat([w, self.special.to(w.dtype)], dim=0)
 
@@ -617,7 +628,7 @@ class Titan(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self):
-        """The weights a checkpoint stores: everything outside the frozen backbone."""
+        """Return the weights a checkpoint stores: everything outside the frozen backbone."""
         return {k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad}
 
     def load_trainable_state_dict(self, state, source="checkpoint"):
@@ -634,27 +645,6 @@ class Titan(nn.Module):
             if not name.endswith(FP32_PARAM_SUFFIXES):
                 p.data = p.data.to(dtype)
         return self
-
-
-def check_state_dict(expected, got, source):
-    """Raise ValueError listing every missing key, unexpected key and shape mismatch.
-
-    expected: {name: shape}; got: {name: tensor}; source names the file in the message.
-    """
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: {source} has {tuple(got[k].shape)}, the model expects {expected[k]}"
-             for k in sorted(set(expected) & set(got)) if tuple(got[k].shape) != tuple(expected[k])]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-    problems += wrong
-    if problems:
-        raise ValueError(f"{source} does not match the model: " + "; ".join(problems)
-                         + ". Check that the checkpoint and the config (d_model, n_layer, d_state, "
-                           "d_conv, expand) belong together")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +678,7 @@ def save_backbone(model: MambaLM, folder):
               "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
               "ssm_cfg": {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
                           "dt_rank": cfg.dt_rank},
-              "norm_eps": cfg.norm_eps, "tie_embeddings": True}
+              "norm_epsilon": cfg.norm_eps, "rms_norm": True, "tie_embeddings": True}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = state["backbone.embedding.weight"]
     atomic_save(state, folder / "pytorch_model.bin")
@@ -697,56 +687,589 @@ def save_backbone(model: MambaLM, folder):
     os.replace(tmp, folder / "config.json")
 
 
-def backbone_config_from_json(config):
-    """Build a MambaConfig from a state-spaces config.json dict."""
-    ssm = config.get("ssm_cfg") or {}
-    return MambaConfig(
-        d_model=config["d_model"], n_layer=config["n_layer"], vocab_size=config["vocab_size"],
-        pad_vocab_size_multiple=config.get("pad_vocab_size_multiple", 8),
-        d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
-        dt_rank=ssm.get("dt_rank", 0) if ssm.get("dt_rank", "auto") != "auto" else 0,
-        norm_eps=config.get("norm_eps", 1e-5))
+HUB_ENDPOINT = "https://huggingface.co"
+# Weight files in the order they are tried. The state-spaces repos ship pytorch_model.bin.
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "model.safetensors.index.json")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_LOCAL_SUFFIXES = (".bin", ".safetensors", ".json", ".pt", ".pth")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def load_backbone(spec, dtype=torch.float32, device="cpu"):
-    """Load a frozen Mamba backbone from a folder in the state-spaces layout.
+class DownloadError(RuntimeError):
+    """Error for a failed download, with `status` set to the HTTP status code or None if there was none."""
 
-    Returns the model (weights in `dtype`, except A_log, D and the dt bias in float32) and a
-    dict that records where it came from, for the checkpoint.
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config file that is corrupt, unsupported, or does not fit the model."""
+
+
+class _ConnectionDropped(Exception):
+    """Error for a response body that ended early, after which the partial file is kept for resuming."""
+
+
+def hub_cache_dir() -> pathlib.Path:
+    """Return the download cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/titan/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return pathlib.Path.home() / ".cache" / "titan" / "hub"
+
+
+def resolve_backbone(spec: str, files_needed=("config.json",), optional_files=("tokenizer.json",),
+                     progress: bool = True) -> pathlib.Path:
+    """Return a local folder with the backbone files that `spec` names, downloading them if needed.
+
+    `spec` is a folder, a file inside one, or a hub repo id such as state-spaces/mamba-1.4b.
+    A repo is cached in hub_cache_dir()/<owner>--<name>. Once `files_needed` and a complete set
+    of weights are there, no network request is made, so a missing optional file is not retried.
     """
-    folder = pathlib.Path(spec)
-    if folder.is_file():
-        folder = folder.parent
-    config_path, weights_path = folder / "config.json", folder / "pytorch_model.bin"
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"--backbone {spec}: {p.name} not found in {folder}; "
-                                    "pass a folder with config.json and pytorch_model.bin")
-    try:
-        config = json.loads(config_path.read_text())
-        cfg = backbone_config_from_json(config)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"--backbone {spec}: {config_path} is not a valid Mamba config ({err!r})") from None
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    if not _REPO_ID.fullmatch(spec) or spec.endswith(_LOCAL_SUFFIXES):
+        raise FileNotFoundError(f"--backbone {spec}: no such file or folder, and not a hub repo id "
+                                "like state-spaces/mamba-1.4b")
 
-    # mmap keeps a large file on disk until each tensor is copied into the model
-    state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
-    head = state.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, state.get("backbone.embedding.weight", head)):
-        raise ValueError(f"--backbone {spec}: lm_head.weight differs from the embedding; "
-                         "Titan supports tied heads only")
+    folder = hub_cache_dir() / spec.replace("/", "--")
+    if all((folder / name).is_file() for name in files_needed) and _find_weights(folder):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("HF_ENDPOINT", HUB_ENDPOINT).rstrip("/")
+
+    def fetch(name: str, optional: bool = False, repo: str = spec) -> bool:
+        """Download `name` unless it is cached. Return False if it is optional and the hub has no such file."""
+        if (folder / name).is_file():
+            return True
+        try:
+            download_file(f"{endpoint}/{repo}/resolve/main/{name}", folder / name, progress=progress)
+            return True
+        except DownloadError as error:
+            if optional and error.status == 404:
+                return False
+            advice = "check the repo id" if error.status == 404 else "check the network"
+            raise DownloadError(f"--backbone {spec}: {name} not found in cache {folder} and the download "
+                                f"failed ({error}); {advice} or pass a local folder", error.status) from error
+
+    for name in files_needed:
+        fetch(name)
+    for name in optional_files:
+        fetch(name, optional=True)
+    # the state-spaces repos ship no tokenizer.json, but their transformers twins (<repo>-hf) do
+    if "tokenizer.json" in optional_files and not spec.endswith("-hf"):
+        fetch("tokenizer.json", optional=True, repo=spec + "-hf")
+    if _find_weights(folder) is None and not (fetch(WEIGHT_FILES[0], True) or fetch(WEIGHT_FILES[1], True)):
+        if not fetch(WEIGHT_FILES[2], True):
+            raise DownloadError(f"--backbone {spec}: {endpoint} has none of the weight files "
+                                f"{', '.join(WEIGHT_FILES)}; is the repo id right?", 404)
+        for shard in _shard_names(folder / WEIGHT_FILES[2]):
+            fetch(shard)
+    return folder
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place 4 times a second on a terminal, every 30 s in a log."""
+
+    def __init__(self, name: str, total: int | None, done: int, enabled: bool):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.start_bytes, self.start_time, self.last_draw = done, time.monotonic(), 0.0
+        self.interval, self.end = (0.25, "\r") if sys.stderr.isatty() else (30.0, "\n")
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last_draw < self.interval):
+            return
+        self.last_draw = now
+        rate = (done - self.start_bytes) / max(now - self.start_time, 1e-3)
+        line = f"{self.name}: {done / 1e6:.1f}"
+        line += f"/{self.total / 1e6:.1f} MB" if self.total else " MB"
+        line += f"  {rate / 1e6:.1f} MB/s"
+        if self.total and rate > 0 and not final:
+            minutes, seconds = divmod(int((self.total - done) / rate), 60)
+            line += f"  ETA {minutes}:{seconds:02d}"
+        sys.stderr.write(line.ljust(60) + ("\n" if final else self.end))
+        sys.stderr.flush()
+
+
+class _RedirectRecorder(urllib.request.HTTPRedirectHandler):
+    """Redirect handler that keeps (url, headers) of each redirect, where the hub sends size and sha256."""
+
+    def __init__(self):
+        self.hops = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.hops.append((req.full_url, headers))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download_file(url: str, dest, progress: bool = True, timeout: float = 30.0, retries: int = 3,
+                  retry_delay_s: float = 1.0) -> pathlib.Path:
+    """Download `url` to `dest` through `dest`.incomplete, resuming a partial file, and verify it.
+
+    A dropped connection is retried `retries` times with an HTTP Range request. When all tries
+    fail, the partial file is kept so that the next call resumes it. The size and, where the hub
+    provides it, the sha256 are checked before the fsynced file is renamed to `dest`. A file that
+    fails a check is deleted, so `dest` only ever contains a verified file.
+    `timeout` is in seconds and applies to connecting and to each read.
+    """
+    dest = pathlib.Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".incomplete")
+    for attempt in range(retries + 1):
+        try:
+            expected_size, expected_sha256 = _fetch_into(url, partial, dest.name, progress, timeout)
+            break
+        except _ConnectionDropped as error:
+            if attempt == retries:
+                raise DownloadError(f"download of {url} failed after {retries + 1} tries ({error}); the "
+                                    f"{partial.stat().st_size} bytes received are kept in {partial} "
+                                    "and the next run resumes") from error
+            time.sleep(retry_delay_s * 2**attempt)
+
+    size = partial.stat().st_size
+    if expected_size is not None and size != expected_size:
+        partial.unlink()
+        raise DownloadError(f"{url}: received {size} bytes but the server announced {expected_size}; "
+                            "the file was deleted, run again to download it afresh")
+    if expected_sha256 is not None:
+        actual = _sha256_of(partial)
+        if actual != expected_sha256:
+            partial.unlink()
+            raise DownloadError(f"{url}: sha256 {actual} does not match {expected_sha256} announced by the hub; "
+                                "the file was deleted, run again to download it afresh")
+    os.replace(partial, dest)
+    if os.name == "posix":  # fsync the folder so the rename itself survives a crash
+        folder_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
+    return dest
+
+
+def _fetch_into(url, partial: pathlib.Path, label: str, progress: bool, timeout: float):
+    """Append the rest of `url` to `partial` and return the (size, sha256) to expect, each None if unknown."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": "titan"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    recorder = _RedirectRecorder()
+    try:
+        response = urllib.request.build_opener(recorder).open(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        hops = recorder.hops + [(error.filename, error.headers)]
+        expected_size, expected_sha256 = _announced_size_and_sha256(url, hops)
+        if error.code == 416 and offset:  # the partial file is complete already, or longer than the file
+            total = expected_size or _content_range_total(error.headers.get("Content-Range"))
+            if total == offset:
+                return total, expected_sha256
+            partial.unlink()
+            return _fetch_into(url, partial, label, progress, timeout)
+        hint = "; the repo may not exist, or be private or gated" if error.code in (401, 403) else ""
+        raise DownloadError(f"HTTP {error.code} {error.reason} for {url}{hint}", error.code) from error
+    except (OSError, http.client.HTTPException) as error:  # URLError, refused, timeout, DNS
+        raise DownloadError(f"connection to {url} failed: {getattr(error, 'reason', error)}") from error
+
+    with response:
+        hops = recorder.hops + [(response.url, response.headers)]
+        expected_size, expected_sha256 = _announced_size_and_sha256(url, hops)
+        if offset and response.status == 200:  # the server ignored Range and sends the whole file
+            offset = 0
+        elif response.status == 206:
+            content_range = response.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {offset}-"):
+                partial.unlink()
+                raise DownloadError(f"{url}: requested bytes {offset}- but got range {content_range!r}; "
+                                    "the partial file was deleted, run again")
+        length = response.headers.get("Content-Length")
+        body_size = int(length) if length and length.isdigit() else None
+        meter = _Progress(label, expected_size or (offset + body_size if body_size is not None else None),
+                          offset, progress)
+        received = 0
+        with open(partial, "ab" if offset else "wb") as file:
+            try:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+                    received += len(chunk)
+                    meter.update(offset + received)
+            except (OSError, http.client.HTTPException) as error:  # reset, timeout, IncompleteRead
+                message = f"connection failed after {offset + received} bytes ({error})"
+                raise _ConnectionDropped(message) from error
+            finally:
+                file.flush()
+                os.fsync(file.fileno())
+        if body_size is not None and received < body_size:
+            raise _ConnectionDropped(f"connection closed after {offset + received} of {offset + body_size} bytes")
+        meter.update(offset + received, final=True)
+    return expected_size, expected_sha256
+
+
+def _announced_size_and_sha256(url: str, hops):
+    """Read the file's size and sha256 from the headers of the responses along the redirect chain.
+
+    The hub sends X-Linked-Size and X-Linked-Etag (the sha256) on its redirect to a storage host,
+    whose own ETag is not a sha256 and is ignored. A file served without a redirect to another
+    host carries its sha256 in the ETag if it is an LFS file. A small file's ETag is its 40-hex
+    git sha1, which is skipped.
+    """
+    size = next((headers["X-Linked-Size"] for _, headers in hops if headers.get("X-Linked-Size")), None)
+    etag = next((headers["X-Linked-Etag"] for _, headers in hops if headers.get("X-Linked-Etag")), None)
+    if etag is None and urlparse(hops[-1][0]).netloc == urlparse(url).netloc:
+        etag = hops[-1][1].get("ETag")
+    if etag is not None:
+        etag = etag.strip().removeprefix("W/").strip('"').lower()
+    sha256 = etag if etag and _SHA256.fullmatch(etag) else None
+    return (int(size) if size and size.strip().isdigit() else None), sha256
+
+
+def _content_range_total(content_range: str | None) -> int | None:
+    """Return the total of a Content-Range header such as 'bytes */1234', or None."""
+    total = (content_range or "").rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
+
+
+def _sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: pathlib.Path):
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} not found in {path.parent}; pass a folder with config.json and "
+                              "the weights (pytorch_model.bin or model.safetensors)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: invalid JSON ({error})") from error
+
+
+def _weight_map(index_path: pathlib.Path) -> dict:
+    """Return the {tensor name: shard file} map of a safetensors index, rejecting shard names with a folder."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no weight_map object")
+    for shard in set(weight_map.values()):
+        if not isinstance(shard, str) or pathlib.Path(shard).name != shard or shard.startswith("."):
+            raise CheckpointError(f"{index_path}: shard {shard!r} is not a plain file name")
+    return weight_map
+
+
+def _shard_names(index_path: pathlib.Path) -> list[str]:
+    return sorted(set(_weight_map(index_path).values()))
+
+
+def _find_weights(folder: pathlib.Path) -> pathlib.Path | None:
+    """Return the weights file in `folder`, taking a safetensors index only once all its shards are there."""
+    for name in WEIGHT_FILES[:2]:
+        if (folder / name).is_file():
+            return folder / name
+    index = folder / WEIGHT_FILES[2]
+    if index.is_file() and all((folder / shard).is_file() for shard in _shard_names(index)):
+        return index
+    return None
+
+
+# Tensor dtypes of the safetensors format, which https://github.com/huggingface/safetensors describes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format rejects larger headers
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file as tensors over a private memory map of the file.
+
+    Pages are read on first access, so a large file costs little RAM until the tensors are
+    copied into a model. Writing to a tensor never changes the file.
+    """
+    path = pathlib.Path(path)
+    if sys.byteorder != "little":
+        raise CheckpointError(f"{path}: safetensors data is little-endian, and this reader does not swap bytes")
+    file_size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {file_size} bytes is too short for a safetensors file")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+            raise CheckpointError(f"{path}: header length {header_size} does not fit in the {file_size}-byte "
+                                  "file, so it is truncated or not a safetensors file")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: the safetensors header is invalid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+
+    data = torch.from_file(str(path), shared=False, size=file_size, dtype=torch.uint8)[8 + header_size:]
+    return {name: _tensor_from_header(path, name, entry, data) for name, entry in header.items()}
+
+
+def _tensor_from_header(path: pathlib.Path, name: str, entry, data: torch.Tensor) -> torch.Tensor:
+    where = f"{path}: tensor {name!r}"
+    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype") if isinstance(entry, dict) else None)
+    if dtype is None:
+        raise CheckpointError(f"{where} has an invalid entry or unsupported dtype: {entry!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+        raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= len(data):
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] lie outside the "
+                              f"{len(data)}-byte data section")
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{where}: {end - begin} bytes, but shape {shape} of {entry['dtype']} "
+                              f"needs {math.prod(shape) * dtype.itemsize}")
+    raw = data[begin:end]
+    if raw.storage_offset() % dtype.itemsize:  # view() needs aligned data; some writers do not pad the header
+        raw = raw.clone()
+    return raw.view(dtype).reshape(shape)
+
+
+def read_safetensors_sharded(index_path) -> dict[str, torch.Tensor]:
+    """Read every shard that a model.safetensors.index.json lists and merge them into one dict."""
+    index_path = pathlib.Path(index_path)
+    weight_map = _weight_map(index_path)
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        for name, tensor in read_safetensors(index_path.parent / shard).items():
+            if name in tensors:
+                raise CheckpointError(f"{index_path}: tensor {name!r} appears in more than one shard")
+            tensors[name] = tensor
+    missing = sorted(name for name in weight_map if name not in tensors)
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} tensors in weight_map are not in their shards, "
+                              f"for example {missing[:3]}")
+    return tensors
+
+
+def _load_torch_bin(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """Load a torch.save state dict, rejecting any pickled object that is not a tensor or container."""
+    # mmap needs the zip format that torch.save writes since torch 1.6. Older files use the
+    # legacy format, which torch.load can only read into RAM.
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: rejected, because it contains pickled objects other than tensors "
+                              f"(torch.load weights_only=True): {error}") from error
+    except RuntimeError as error:  # torch's message does not name the file
+        raise CheckpointError(f"{path}: torch.load failed, so the file may be truncated or corrupt "
+                              f"({error})") from error
+    if not (isinstance(state_dict, dict) and all(isinstance(t, torch.Tensor) for t in state_dict.values())):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state_dict).__name__}")
+    return state_dict
+
+
+def _canonical_config(raw: dict, source: pathlib.Path) -> dict:
+    """Map a state-spaces or transformers Mamba config to Titan's config keys, rejecting other architectures."""
+    def reject(reason):
+        raise CheckpointError(f"{source}: {reason}; Titan supports Mamba-1 models with tied embeddings only")
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        if "d_model" in raw:  # state-spaces (mamba_ssm MambaConfig)
+            ssm = raw.get("ssm_cfg") or {}
+            if ssm.get("layer", "Mamba1") != "Mamba1":
+                reject(f"ssm_cfg layer is {ssm['layer']}")
+            if raw.get("d_intermediate") or raw.get("attn_layer_idx"):
+                reject("the model has MLP or attention layers")
+            if not raw.get("rms_norm", True):
+                reject("the model uses LayerNorm instead of RMSNorm")
+            tied = raw.get("tie_embeddings", True)
+            config = dict(d_model=raw["d_model"], n_layer=raw["n_layer"], vocab_size=raw["vocab_size"],
+                          pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
+                          d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4),
+                          expand=ssm.get("expand", 2), dt_rank=ssm.get("dt_rank", "auto"),
+                          norm_eps=raw.get("norm_epsilon", 1e-5))
+        elif "hidden_size" in raw:  # transformers MambaConfig, used by the -hf repos
+            if raw.get("model_type", "mamba") != "mamba":
+                reject(f"model_type is {raw['model_type']}")
+            tied = raw.get("tie_word_embeddings", True)
+            config = dict(d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"],
+                          vocab_size=raw["vocab_size"],
+                          pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
+                          d_state=raw.get("state_size", 16), d_conv=raw.get("conv_kernel", 4),
+                          expand=raw.get("expand", 2), dt_rank=raw.get("time_step_rank", "auto"),
+                          norm_eps=raw.get("layer_norm_epsilon", 1e-5))
+            d_inner = config["expand"] * config["d_model"]
+            if raw.get("intermediate_size", d_inner) != d_inner:
+                reject(f"intermediate_size {raw['intermediate_size']} is not expand * hidden_size = {d_inner}")
+        else:
+            raise CheckpointError(f"{source}: config.json has neither d_model (state-spaces layout) "
+                                  "nor hidden_size (transformers layout)")
+    except KeyError as error:
+        raise CheckpointError(f"{source}: config.json is missing {error}") from error
+    if not tied:
+        reject("the config unties the output head from the embedding")
+    if config["dt_rank"] == "auto":
+        config["dt_rank"] = math.ceil(config["d_model"] / 16)
+    return config
+
+
+def backbone_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Return the name and shape of every backbone tensor that a canonical config implies."""
+    d_model, d_state, dt_rank = config["d_model"], config["d_state"], config["dt_rank"]
+    d_inner = config["expand"] * d_model
+    shapes = {"backbone.embedding.weight": (config["vocab_size"], d_model), "backbone.norm_f.weight": (d_model,)}
+    for i in range(config["n_layer"]):
+        layer = f"backbone.layers.{i}."
+        shapes[layer + "norm.weight"] = (d_model,)
+        shapes[layer + "mixer.in_proj.weight"] = (2 * d_inner, d_model)
+        shapes[layer + "mixer.conv1d.weight"] = (d_inner, 1, config["d_conv"])
+        shapes[layer + "mixer.conv1d.bias"] = (d_inner,)
+        shapes[layer + "mixer.x_proj.weight"] = (dt_rank + 2 * d_state, d_inner)
+        shapes[layer + "mixer.dt_proj.weight"] = (d_inner, dt_rank)
+        shapes[layer + "mixer.dt_proj.bias"] = (d_inner,)
+        shapes[layer + "mixer.A_log"] = (d_inner, d_state)
+        shapes[layer + "mixer.D"] = (d_inner,)
+        shapes[layer + "mixer.out_proj.weight"] = (d_model, d_inner)
+    return shapes
+
+
+def read_backbone_files(folder) -> tuple[dict, dict[str, torch.Tensor], pathlib.Path | None]:
+    """Read config, weights and tokenizer path from a backbone folder in either layout, in one canonical form.
+
+    The config has d_model, n_layer, vocab_size, pad_vocab_size_multiple, d_state, d_conv, expand,
+    dt_rank and norm_eps. vocab_size is the embedding's row count as stored, which is padded already,
+    and tokenizer_vocab_size() gives the real vocabulary. State dict keys use the state-spaces names,
+    and lm_head.weight is dropped because the model ties it to the embedding.
+    """
+    folder = pathlib.Path(folder)
+    config = _canonical_config(_read_json(folder / "config.json"), folder / "config.json")
+    weights = _find_weights(folder)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no weights found; expected {WEIGHT_FILES[0]}, {WEIGHT_FILES[1]}, "
+                              f"or {WEIGHT_FILES[2]} with all its shards")
+    if weights.name.endswith(".index.json"):
+        loaded = read_safetensors_sharded(weights)
+    elif weights.suffix == ".safetensors":
+        loaded = read_safetensors(weights)
+    else:
+        loaded = _load_torch_bin(weights)
+
+    # transformers names the embedding "embeddings". Every other backbone key is the same in both layouts.
+    state_dict = {("backbone.embedding.weight" if name == "backbone.embeddings.weight" else name): tensor
+                  for name, tensor in loaded.items()}
+    embedding = state_dict.get("backbone.embedding.weight")
+    if embedding is None:
+        raise CheckpointError(f"{weights}: no backbone.embedding.weight (or backbone.embeddings.weight) tensor")
+    head = state_dict.pop("lm_head.weight", None)
+    if head is not None and not (head.shape == embedding.shape and torch.equal(head, embedding)):
+        raise CheckpointError(f"{weights}: lm_head.weight differs from the embedding, and Titan supports "
+                              "only an output head tied to the embedding")
+
+    # state-spaces configs give the unpadded vocabulary, and transformers configs the padded one.
+    multiple = config["pad_vocab_size_multiple"]
+    rows = embedding.shape[0]
+    if rows not in (config["vocab_size"], -(-config["vocab_size"] // multiple) * multiple):
+        raise CheckpointError(f"{weights}: the embedding has {rows} rows, which does not match vocab_size "
+                              f"{config['vocab_size']} in config.json padded to a multiple of {multiple}")
+    config["vocab_size"] = rows
+    if rows % multiple:
+        config["pad_vocab_size_multiple"] = 1  # because the stored size is final and padding it would not fit
+    check_state_dict(backbone_shapes(config), state_dict, f"{weights} (checked against its config.json)")
+    tokenizer = folder / "tokenizer.json"
+    return config, state_dict, (tokenizer if tokenizer.is_file() else None)
+
+
+def tokenizer_vocab_size(tokenizer_path) -> int:
+    """Return how many token ids a tokenizer.json defines (model vocabulary plus added tokens)."""
+    data = _read_json(tokenizer_path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{tokenizer_path}: expected a JSON object, got {type(data).__name__}")
+    vocab = data.get("model", {}).get("vocab", {})
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= {token["id"] for token in data.get("added_tokens", [])}
+    return max(ids) + 1 if ids else 0
+
+
+_SHAPE_HINTS = (("embedding", "are vocab_size and pad_vocab_size_multiple right?"),
+                ("A_log", "is d_state right?"), ("x_proj", "are d_state and dt_rank right?"),
+                ("dt_proj.weight", "is dt_rank right?"), ("conv1d.weight", "is d_conv right?"),
+                ("", "are d_model and expand right?"))
+
+
+def check_state_dict(expected: dict[str, tuple], got: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError that lists every missing key, unexpected key and shape mismatch.
+
+    Call it before load_state_dict(strict=True). Loading with strict=False instead would silently
+    leave the missing weights at their random initial values.
+    """
+    missing = [name for name in expected if name not in got]
+    unexpected = [name for name in got if name not in expected]
+    mismatched = []
+    for name, shape in expected.items():
+        if name in got and tuple(got[name].shape) != tuple(shape):
+            hint = next(text for key, text in _SHAPE_HINTS if key in name)
+            actual = tuple(got[name].shape)
+            mismatched.append(f"{name}: checkpoint has {actual}, model expects {tuple(shape)}; {hint}")
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not fit the model:"]
+    sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    for title, items in sections:
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines += [f"    {item}" for item in items[:20]]
+            if len(items) > 20:
+                lines.append(f"    ... and {len(items) - 20} more")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_backbone(spec, dtype=torch.float32, device="cpu", vocab_size=None, force_vocab=False, progress=True):
+    """Load a frozen Mamba-1 backbone from a folder, a file inside one, or a hub repo id.
+
+    `vocab_size` is the tokenizer's size: ids below it are real tokens, and the embedding rows
+    above it are padding. A tokenizer whose size does not pad to the embedding's row count was
+    not the backbone's, which is an error unless `force_vocab`. The weights are converted to
+    `dtype` one tensor at a time, except A_log, D and the dt bias, which stay float32.
+    Returns the model and the folder the files came from.
+    """
+    folder = resolve_backbone(str(spec), progress=progress)
+    config, state, _ = read_backbone_files(folder)
+    rows, multiple = config["vocab_size"], config["pad_vocab_size_multiple"]
+    vocab_size = vocab_size or rows
+    if vocab_size > rows or (-(-vocab_size // multiple) * multiple != rows and not force_vocab):
+        raise CheckpointError(
+            f"--backbone {spec}: its embedding has {rows} rows, which a tokenizer of {vocab_size} ids does not "
+            f"pad to (multiple {multiple}); pass the tokenizer the backbone was trained with"
+            + ("" if vocab_size > rows else ", or --force_tokenizer to pair them anyway"))
+    cfg = MambaConfig(d_model=config["d_model"], n_layer=config["n_layer"], vocab_size=vocab_size,
+                      pad_vocab_size_multiple=multiple, d_state=config["d_state"], d_conv=config["d_conv"],
+                      expand=config["expand"], dt_rank=config["dt_rank"], norm_eps=config["norm_eps"])
+    if cfg.padded_vocab_size != rows:          # only with force_vocab: keep the stored row count
+        cfg.embedding_rows = rows
+
+    # build on the meta device, then give each parameter its loaded tensor: the file (memory-
+    # mapped) and the model are never both fully in RAM in float32
     with torch.device("meta"):
         model = MambaLM(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict(expected, state, str(weights_path))
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, str(folder))
     model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, tensor in state.items():
+        for name in list(state):
             keep_fp32 = name.endswith(FP32_PARAM_SUFFIXES)
-            params[name].data = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            params[name].data = state.pop(name).to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
     model.requires_grad_(False)
-    return model, {"backbone": str(spec), "config": dataclasses.asdict(cfg)}
-
+    return model, folder
 
 
 def resolve_relative(source, base):
@@ -785,7 +1308,8 @@ def load_titan(path, device="cpu", dtype=torch.float32):
     ckpt = read_checkpoint(path)
     cfg = TitanConfig(**ckpt["config"])
     source = resolve_relative(ckpt["backbone"]["source"], pathlib.Path(path).parent)
-    lm, _ = load_backbone(source, dtype=dtype, device=device)
+    lm, _ = load_backbone(source, dtype=dtype, device=device, vocab_size=cfg.backbone.vocab_size,
+                          force_vocab=True, progress=False)
     differ = [f"{k} (checkpoint {v}, backbone {getattr(lm.cfg, k)})"
               for k, v in dataclasses.asdict(cfg.backbone).items() if getattr(lm.cfg, k) != v]
     if differ:
@@ -793,7 +1317,7 @@ def load_titan(path, device="cpu", dtype=torch.float32):
                          + ", ".join(differ) + "; pass the backbone it was trained on")
     model = Titan(cfg, lm).to(device)
     model.load_trainable_state_dict(ckpt["trainable"], source=str(path))
-    tok = get_tokenizer(ckpt["tokenizer"])
+    tok = get_tokenizer(resolve_relative(ckpt["tokenizer"], pathlib.Path(path).parent))
     return model.eval(), tok, ckpt
 
 
@@ -808,7 +1332,7 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}
 class Tokenizer:
     """A tiktoken Encoding for ordinary text, plus Titan's three special ids after it.
 
-    `encode` never returns a special id, whatever the text says: a literal "<think>" or
+    `encode` never returns a special id, whatever the text contains: a literal "<think>" or
     "<|endoftext|>" inside data is encoded as the characters it is made of. Only
     `format_example` and the prompt builder place special ids.
     """
@@ -817,7 +1341,7 @@ class Tokenizer:
         self.name = name
         self.encoding = encoding
         self._encode = encode or encoding.encode_ordinary
-        self.n_vocab = n_vocab                      # ids the backbone knows: [0, n_vocab)
+        self.n_vocab = n_vocab                      # the backbone's ids are [0, n_vocab)
         self.think_id, self.end_think_id, self.eot_id = n_vocab, n_vocab + 1, n_vocab + 2
         self.vocab_size = n_vocab + len(SPECIAL_TOKENS)
 
@@ -844,7 +1368,7 @@ class Tokenizer:
 
 
 def byte_tokenizer():
-    """The built-in demo's tokenizer: one id per byte, no merges, nothing to download."""
+    """Build the demo's tokenizer: one id per byte, no merges, nothing to download."""
     encoding = tiktoken.Encoding(name="titan-bytes", pat_str=GPT2_SPLIT_PATTERN,
                                  mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
     return Tokenizer("bytes", encoding, 256)
@@ -981,7 +1505,7 @@ def load_neox_tokenizer(path: str) -> NeoXTokenizer:
 
     # The special tokens also sit in the model vocabulary, but no merge creates them, so they
     # stay out of the BPE ranks. The 13 bytes that never occur in UTF-8 are missing from the
-    # vocabulary, which is harmless because encode only sees valid UTF-8.
+    # vocabulary, which is harmless because encode only receives valid UTF-8.
     added = config["added_tokens"]
     special_ids = {token["content"]: token["id"] for token in added if token["special"]}
     space_run_ids = {token["content"]: token["id"] for token in added if not token["special"]}
@@ -995,7 +1519,7 @@ def load_neox_tokenizer(path: str) -> NeoXTokenizer:
     alphabet = byte_level_alphabet()
     ranks = {bytes(alphabet[char] for char in token): token_id
              for token, token_id in vocab.items() if token not in special_ids}
-    # The space runs ride in tiktoken's special_tokens only so that decode knows their text.
+    # The space runs are in tiktoken's special_tokens only so that decode can map them to text.
     encoding = tiktoken.Encoding("gpt-neox-20b", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={**special_ids, **space_run_ids})
     return NeoXTokenizer(encoding, space_run_ids, special_ids)
@@ -1009,7 +1533,7 @@ PROMPT_TEMPLATE = "User: {question}\nAssistant: "
 
 
 def arithmetic_fact(rng, max_value):
-    """One single-step fact such as "12+7=19", with every number in [0, max_value)."""
+    """Draw one single-step fact such as "12+7=19", with every number in [0, max_value)."""
     a = rng.randrange(max_value)
     if rng.random() < 0.5:
         b = rng.randrange(max_value - a)
@@ -1019,7 +1543,7 @@ def arithmetic_fact(rng, max_value):
 
 
 def arithmetic_problem(rng, n_steps, max_value, max_operand=10):
-    """A chain of n_steps additions and subtractions of operands below max_operand, whose
+    """Draw a chain of n_steps additions and subtractions of operands below max_operand, whose
     partial results stay in [0, max_value). Returns {question, reasoning, answer, n_steps}; the
     reasoning has one line per step, each a fact the demo backbone was pretrained on."""
     value = rng.randrange(1, max_operand)
@@ -1042,7 +1566,7 @@ def parse_record(obj):
     """Turn one JSON object into {question, reasoning, answer}; None if it has no usable shape.
 
     Accepted shapes: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]},
-    {"prompt", "response"} where the response holds <think>...</think>, and
+    {"prompt", "response"} where the response contains <think>...</think>, and
     {"question", "reasoning", "answer"}.
     """
     if not isinstance(obj, dict):
@@ -1062,20 +1586,27 @@ def parse_record(obj):
 
 
 def split_thinking(question, response):
-    """Split "…<think>reasoning</think>answer" into its parts."""
+    """Split "<think>reasoning</think>answer" into its parts; None if <think> is never closed.
+
+    A response that closes </think> without opening it (chat templates often put the opening
+    tag in the prompt) counts everything before </think> as reasoning.
+    """
     if not isinstance(question, str) or not isinstance(response, str):
         return None
-    m = re.search(r"<think>(.*?)</think>(.*)", response, flags=re.S)
-    if m:
-        return {"question": question, "reasoning": m.group(1).strip(), "answer": m.group(2).strip()}
+    if "</think>" in response:
+        reasoning, answer = response.split("</think>", 1)
+        reasoning = reasoning.split("<think>", 1)[-1]
+        return {"question": question, "reasoning": reasoning.strip(), "answer": answer.strip()}
+    if "<think>" in response:
+        return None
     return {"question": question, "reasoning": "", "answer": response.strip()}
 
 
 def read_jsonl(path, max_bad_fraction=0.5, log=print):
     """Read chain-of-thought records from a JSONL file.
 
-    Invalid lines are skipped and reported with their line numbers; the read fails with a
-    ValueError when the file has no valid record or more than `max_bad_fraction` of its
+    Invalid lines are skipped and reported with their line numbers. The read fails with a
+    ValueError when the file has no valid record, or when more than `max_bad_fraction` of its
     non-blank lines are invalid.
     """
     path = pathlib.Path(path)
@@ -1094,9 +1625,10 @@ def read_jsonl(path, max_bad_fraction=0.5, log=print):
             try:
                 if b"\x00" in raw:
                     raise ValueError("NUL byte")
-                rec = parse_record(json.loads(raw.decode("utf-8")))
+                obj = json.loads(raw.decode("utf-8"))
+                rec = parse_record(obj)
                 if rec is None:
-                    raise ValueError("no question/answer fields")
+                    raise ValueError("<think> never closed" if "<think>" in str(obj) else "no question/answer fields")
             except (UnicodeDecodeError, ValueError) as err:
                 bad.append((lineno, str(err).splitlines()[0][:80]))
                 continue
@@ -1113,23 +1645,28 @@ def read_jsonl(path, max_bad_fraction=0.5, log=print):
     return records
 
 
-def format_example(tok: Tokenizer, rec, seq_len=None):
+def format_example(tok: Tokenizer, rec, seq_len=None, stats=None):
     """Build the training sequence of one record and its loss mask.
 
     The sequence is PROMPT_TEMPLATE, then <think> "\\n{reasoning}\\n" </think> "\\n{answer}" <|end|>.
     Returns (ids, mask) as lists; mask[i] is True where ids[i] is a supervised target, which
-    is everything from <think> on. Returns None if the prompt alone fills seq_len + 1.
+    is everything from <think> on. A sequence longer than seq_len + 1 loses the end of its
+    reasoning, never its answer, and the number of tokens cut is added to stats["cut_tokens"].
+    Returns None if the prompt and answer alone do not fit.
     """
     prompt = tok.encode(PROMPT_TEMPLATE.format(question=rec["question"]))
-    completion = ([tok.think_id] + tok.encode("\n" + rec["reasoning"] + "\n") + [tok.end_think_id]
-                  + tok.encode("\n" + rec["answer"]) + [tok.eot_id])
-    ids = prompt + completion
-    mask = [False] * len(prompt) + [True] * len(completion)
-    if seq_len is not None and len(ids) > seq_len + 1:
-        if len(prompt) >= seq_len:
+    reasoning = tok.encode("\n" + rec["reasoning"] + "\n")
+    ending = [tok.end_think_id] + tok.encode("\n" + rec["answer"]) + [tok.eot_id]
+    if seq_len is not None:
+        room = seq_len + 1 - len(prompt) - 1 - len(ending)
+        if room < 0:
             return None
-        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-    return ids, mask
+        if len(reasoning) > room:
+            if stats is not None:
+                stats["cut_tokens"] = stats.get("cut_tokens", 0) + len(reasoning) - room
+            reasoning = reasoning[:room]
+    completion = [tok.think_id] + reasoning + ending
+    return prompt + completion, [False] * len(prompt) + [True] * len(completion)
 
 
 def make_batch(examples, pad_id):
@@ -1216,8 +1753,8 @@ def generate_stream(model: Titan, prompts, max_new_tokens, temperature=0.0, top_
                     generator=None):
     """Yield (next_ids (b,), probe dict or None) once per new token, for a batch of prompts.
 
-    Each prompt is processed once, alone, so prompts of different lengths need no padding;
-    then all sequences advance together one token per step through the recurrent cache, so
+    Each prompt is processed once, alone, so prompts of different lengths need no padding.
+    Then all sequences advance together, one token per step through the recurrent cache, and
     the cost per token does not grow with the position. The caller decides when to stop.
     """
     caches, last = [], []
@@ -1259,7 +1796,7 @@ def generate(model, tok: Tokenizer, prompts, max_new_tokens, **kwargs):
 
 
 def question_prompt(tok: Tokenizer, question):
-    """The ids that ask `question` in the training template; the model continues with <think>."""
+    """Encode `question` in the training template; the model continues with <think>."""
     return tok.encode(PROMPT_TEMPLATE.format(question=question))
 
 
@@ -1273,3 +1810,52 @@ def evaluate(model, tok, problems, max_new_tokens=64, batch_size=32, **kwargs):
         results += [(r, tok.decode(o)) for r, o in zip(chunk, outs)]
     correct = sum(grade(extract_answer(text), r["answer"]) for r, text in results)
     return correct / max(1, len(results)), results
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory plan for one SFT step
+# ---------------------------------------------------------------------------------------------
+
+# (d_model, n_layer) of the published Mamba-1 checkpoints, for planning without a download
+KNOWN_BACKBONES = {
+    "state-spaces/mamba-130m": (768, 24), "state-spaces/mamba-370m": (1024, 48),
+    "state-spaces/mamba-790m": (1536, 48), "state-spaces/mamba-1.4b": (2048, 48),
+    "state-spaces/mamba-2.8b": (2560, 64),
+}
+
+
+def sft_memory_plan(cfg: TitanConfig, batch_size, seq_len, frozen_dtype=torch.bfloat16, chunk=64):
+    """Estimate the peak memory of one SFT step, in bytes, by part.
+
+    The parameter counts are exact, because the model is built on the meta device. The
+    activation terms count the tensors that autograd keeps alive at the peak, in the backward
+    pass of the first checkpointed layer. They are the arms' saved tensors, the residual stream
+    saved at every checkpointed layer, one recomputed layer, and the logits with their gradient.
+    NOTE: the activation terms are an estimate calibrated by bench.py --memory on a CPU;
+    allocator caching on a GPU adds to them.
+    """
+    with torch.device("meta"):
+        model = Titan(cfg, MambaLM(cfg.backbone))
+    fb = torch.finfo(frozen_dtype).bits // 8
+    frozen = sum(p.numel() * (4 if name.endswith(FP32_PARAM_SUFFIXES) else fb)
+                 for name, p in model.lm.named_parameters())
+    n_train = sum(p.numel() for p in model.trainable_parameters())
+
+    bb = cfg.backbone
+    tokens = batch_size * seq_len
+    upper = bb.n_layer - cfg.inject_layer
+
+    def mamba_activations(d_model, d_inner, d_state, linear_bytes):
+        # in_proj, conv and SiLU outputs in the compute dtype; Δ, the scan's inputs and output,
+        # the skip and the gate in float32; plus the scan's per-chunk state buffers
+        per_token = d_model * (4 + linear_bytes) + d_inner * (3 * 2 * linear_bytes + 9 * 4)
+        return tokens * per_token + 5 * batch_size * min(chunk, seq_len) * d_inner * d_state * 4
+
+    arms = cfg.n_arms * mamba_activations(cfg.d_bridge, 2 * cfg.d_bridge, cfg.arm_d_state, fb)
+    arms += tokens * cfg.n_arms * cfg.d_bridge * 4 * 4         # stacked outputs, read-back, mixing
+    residual = tokens * bb.d_model * 4 * (upper + 2)
+    recompute = mamba_activations(bb.d_model, bb.d_inner, bb.d_state, fb)
+    vocab = model.vocab_size
+    logits = tokens * vocab * (fb + 3 * 4) + vocab * bb.d_model * fb    # logits, float32 copy, log-softmax, grad; head
+    return {"frozen weights": frozen, "trainable weights": n_train * 4, "gradients": n_train * 4,
+            "optimizer state": n_train * 8, "activations": arms + residual + recompute + logits}

@@ -12,6 +12,7 @@ On a pretrained backbone in the state-spaces layout:
 """
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -28,9 +29,11 @@ import titan
 # defaults: the built-in demo's, sized to finish in minutes on 2 CPU cores
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("model")
-g.add_argument("--backbone", default=None, help="folder (or file inside it) with config.json and pytorch_model.bin; "
-               "default: the built-in demo backbone, pretrained on first use")
-g.add_argument("--tokenizer", default=None, help="'bytes' or 'r50k_base' (default: bytes for the demo, r50k_base otherwise)")
+g.add_argument("--backbone", default=None, help="hub repo id (state-spaces/mamba-1.4b), or a local folder in the state-spaces "
+               "or transformers layout; default: the built-in demo backbone, pretrained on first use")
+g.add_argument("--tokenizer", default=None, help="'bytes', 'r50k_base' or a tokenizer.json path (default: bytes for the demo, "
+               "else the tokenizer.json beside the backbone)")
+g.add_argument("--force_tokenizer", action="store_true", help="pair a tokenizer whose size does not fit the backbone's embedding")
 g.add_argument("--moe_scale", type=float, default=1.0, help="multiplier on the arms' output before it joins the residual stream")
 g.add_argument("--d_bridge", type=int, default=None, help="width the arms work at (default 512; 32 for the demo)")
 g.add_argument("--arm_d_state", type=int, default=None, help="d_state of each arm (default 16; 8 for the demo)")
@@ -67,6 +70,10 @@ g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"
                     "fp16 on older GPUs, float32 on CPU)")
 g.add_argument("--out_dir", default="out", help="folder for checkpoints and the demo backbone")
 g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+g.add_argument("--dry_run", action="store_true", help="print the memory plan for the backbone and flags, then exit; "
+               "downloads nothing")
+g.add_argument("--vram_gb", type=float, default=None, help="memory budget the plan is checked against "
+               "(default: the detected GPU's memory)")
 g.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
 g.add_argument("--eval_interval", type=int, default=400, help="steps between held-out loss evaluations and checkpoints")
 g.add_argument("--seed", type=int, default=1337, help="random seed")
@@ -115,6 +122,48 @@ autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
 scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 # -----------------------------------------------------------------------------
+# --dry_run: the memory plan, from the backbone's shape alone
+
+
+def planned_backbone_config():
+    """The backbone's MambaConfig without downloading weights: demo, known hub id, or local config.json."""
+    if args.backbone is None:
+        return titan.MambaConfig(d_model=args.demo_d_model, n_layer=args.demo_n_layer, d_state=args.demo_d_state,
+                                 vocab_size=256)
+    if args.backbone in titan.KNOWN_BACKBONES:
+        d_model, n_layer = titan.KNOWN_BACKBONES[args.backbone]
+        return titan.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277)
+    config_path = pathlib.Path(args.backbone) / "config.json"
+    if not config_path.is_file():
+        fail(f"--dry_run: {config_path} not found, and {args.backbone} is not one of the known backbones "
+             f"({', '.join(titan.KNOWN_BACKBONES)}); pass a local folder")
+    config = titan._canonical_config(json.loads(config_path.read_text()), config_path)
+    return titan.MambaConfig(**{k: v for k, v in config.items()})
+
+
+if args.dry_run:
+    bb = planned_backbone_config()
+    demo_run = args.backbone is None
+    plan_cfg = titan.TitanConfig(
+        backbone=bb, inject_layer=args.inject_layer or 0, d_bridge=args.d_bridge or (32 if demo_run else 512),
+        n_arms=args.n_arms, top_k=args.top_k, d_blackboard=args.d_blackboard or (16 if demo_run else 64),
+        arm_d_state=args.arm_d_state or (8 if demo_run else 16), moe_scale=args.moe_scale)
+    plan = titan.sft_memory_plan(plan_cfg, args.batch_size, args.seq_len, dtype)
+    total = sum(plan.values())
+    print(f"memory plan for one SFT step: {args.backbone or 'demo backbone'} (d_model {bb.d_model}, n_layer {bb.n_layer}), "
+          f"frozen weights in {args.dtype}, batch {args.batch_size}, seq_len {args.seq_len}")
+    for part, size in plan.items():
+        print(f"  {part:<18} {size / 2**30:7.2f} GiB")
+    print(f"  {'total':<18} {total / 2**30:7.2f} GiB  (an estimate)")
+    budget = args.vram_gb
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if budget is not None and total / 2**30 > budget:
+        print(f"warning: the plan ({total / 2**30:.2f} GiB) exceeds the {budget:.1f} GiB budget; lower --seq_len or "
+              "--batch_size and raise --grad_accum")
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
 # the frozen backbone: loaded, or the demo's, pretrained once on arithmetic facts
 
 
@@ -153,27 +202,35 @@ def pretrain_demo_backbone(folder, tok):
 
 
 demo = args.backbone is None
-tok_name = args.tokenizer or ("bytes" if demo else "r50k_base")
-try:
-    tok = titan.get_tokenizer(tok_name)
-except ValueError as err:
-    fail(f"--tokenizer: {err}")
-
 if demo:
     backbone_dir = out_dir / "demo_backbone"
-    if not (backbone_dir / "pytorch_model.bin").is_file():
-        pretrain_demo_backbone(backbone_dir, tok)
     source = "demo_backbone"         # stored relative to out_dir, so the folder can move
-    spec = backbone_dir
+    default_tokenizer = "bytes"
 else:
-    source = spec = args.backbone
+    try:
+        backbone_dir = titan.resolve_backbone(args.backbone)
+    except (FileNotFoundError, titan.DownloadError) as err:
+        fail(str(err))
+    source = args.backbone
+    default_tokenizer = backbone_dir / "tokenizer.json"
+    if not default_tokenizer.is_file():
+        default_tokenizer = None
+tok_name = args.tokenizer or (default_tokenizer and str(default_tokenizer))
+if tok_name is None:
+    fail(f"--backbone {args.backbone}: no tokenizer.json beside the weights; pass --tokenizer with the "
+         "tokenizer.json the backbone was trained with (GPT-NeoX-20B's for state-spaces models)")
 try:
-    lm, _ = titan.load_backbone(spec, dtype=dtype, device=device)
+    tok = titan.get_tokenizer(tok_name)
+except (ValueError, OSError) as err:
+    fail(f"--tokenizer: {err}")
+
+if demo and not (backbone_dir / "pytorch_model.bin").is_file():
+    pretrain_demo_backbone(backbone_dir, tok)
+try:
+    lm, _ = titan.load_backbone(backbone_dir, dtype=dtype, device=device, vocab_size=tok.n_vocab,
+                                force_vocab=args.force_tokenizer)
 except (ValueError, FileNotFoundError) as err:
-    fail(str(err))
-if lm.cfg.vocab_size != tok.n_vocab:
-    fail(f"--tokenizer {tok_name} has {tok.n_vocab} ids but the backbone's vocab_size is {lm.cfg.vocab_size}; "
-         "pass the tokenizer the backbone was trained with")
+    fail(str(err).replace(f"--backbone {backbone_dir}", f"--backbone {args.backbone or backbone_dir}"))
 
 # -----------------------------------------------------------------------------
 # Titan: the arms grafted onto the frozen backbone
@@ -213,6 +270,9 @@ else:
     train_records = None
 
 
+truncation = {"cut_tokens": 0, "skipped": 0}
+
+
 def training_examples(rng):
     """Yield (ids, mask) forever: shuffled file records, or fresh demo problems not held out."""
     while True:
@@ -220,9 +280,14 @@ def training_examples(rng):
             order = list(range(len(train_records)))
             rng.shuffle(order)
             for i in order:
-                ex = titan.format_example(tok, train_records[i], args.seq_len)
-                if ex is not None:
-                    yield ex
+                ex = titan.format_example(tok, train_records[i], args.seq_len, stats=truncation)
+                if ex is None:
+                    truncation["skipped"] += 1
+                    continue
+                yield ex
+            if truncation["skipped"] == len(train_records):
+                fail(f"--seq_len {args.seq_len}: no record fits, because every prompt plus answer is longer; "
+                     "raise --seq_len")
         else:
             rec = titan.arithmetic_problem(rng, rng.choice([2, 3, 4]), args.demo_max_value, args.demo_max_operand)
             if rec["question"] not in held_out:
@@ -322,7 +387,9 @@ while step < args.max_steps:
               f"{dt / n_logged * 1000:.0f}ms/step, {tokens_since / dt:.0f} tok/s, arms [{arms}]")
         t_last, tokens_since = time.time(), 0
     if step % args.eval_interval == 0 or step == args.max_steps:
-        print(f"step {step}: held-out loss {held_out_loss():.4f}")
+        cut = (f", {truncation['cut_tokens']} reasoning tokens cut and {truncation['skipped']} records skipped "
+               f"to fit --seq_len {args.seq_len}" if truncation["cut_tokens"] or truncation["skipped"] else "")
+        print(f"step {step}: held-out loss {held_out_loss():.4f}{cut}")
         save_checkpoint()
 
 # -----------------------------------------------------------------------------
