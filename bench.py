@@ -4,7 +4,8 @@ repeats after a warm-up; peak memory is measured in a fresh child process per ca
 
     python bench.py                  # scan, decode, sft
     python bench.py --scan --json bench.json
-    python bench.py --memory         # one 1.4B-shape SFT step in bf16 on the CPU (minutes)
+    python bench.py --memory         # one 1.4B-shape SFT step in bf16 on the CPU
+    python bench.py --memory --memory_dtype float32   # the same in fp32, for CPUs without bf16
 """
 
 import argparse
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import threading
 import time
 
 import torch
@@ -31,6 +33,30 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024        # Linux reports KiB
 
 
+class PeakSampler:
+    """Sample this process's RSS every 0.2 ms in a thread; `peak` is the largest value seen.
+
+    The child processes run with MALLOC_MMAP_THRESHOLD_ set low, so glibc gives large blocks
+    back to the system when torch frees them and the RSS follows the live tensors.
+    NOTE: a peak shorter than the sampling interval can be missed.
+    """
+
+    def __enter__(self):
+        self.peak, self.running = rss_bytes(), True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
 def median_time(fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()
@@ -44,6 +70,7 @@ def median_time(fn, repeats, warmup=1):
 
 def in_child(target, *args):
     """Run target(*args) in a fresh process and return its result, so its peak RSS is its own."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)     # read by glibc when the child starts
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(target, args)
@@ -67,9 +94,11 @@ def scan_case(b, l, e, n, which, repeats):
         y, h = scan(u, delta, A, B, C)
         (y.sum() + h.sum()).backward()
 
+    run()                                                                    # warm-up
     base = rss_bytes()
-    seconds = median_time(run, repeats, warmup=1 if which == "fast" else 0)
-    return {"seconds": seconds, "extra_peak_bytes": max(0, peak_rss_bytes() - base), "io_bytes": io_bytes}
+    with PeakSampler() as sampler:
+        seconds = median_time(run, repeats, warmup=0)
+    return {"seconds": seconds, "extra_peak_bytes": max(0, sampler.peak - base), "io_bytes": io_bytes}
 
 
 def bench_scan(args, results):
@@ -174,8 +203,8 @@ def bench_sft(args, results):
 # memory: one 1.4B-shape SFT step in bf16 on the CPU, measured beside the plan
 
 
-def memory_case(seq_len, d_model, n_layer):
-    dtype = torch.bfloat16
+def memory_case(seq_len, d_model, n_layer, dtype_name):
+    dtype = getattr(torch, dtype_name)
     cfg = titan.TitanConfig(backbone=titan.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277))
     base = rss_bytes()
     with torch.device("meta"):
@@ -193,7 +222,7 @@ def memory_case(seq_len, d_model, n_layer):
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     ids = torch.randint(0, 50277, (1, seq_len + 1))
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         logits, aux, _ = model(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + 0.01 * aux
     loss.backward()
@@ -205,10 +234,11 @@ def memory_case(seq_len, d_model, n_layer):
 
 def bench_memory(args, results):
     d_model, n_layer = titan.KNOWN_BACKBONES["state-spaces/mamba-1.4b"]
-    r = in_child(memory_case, args.memory_seq_len, d_model, n_layer)
+    r = in_child(memory_case, args.memory_seq_len, d_model, n_layer, args.memory_dtype)
     planned = sum(r["plan"].values())
-    results["memory"] = {**r, "planned_bytes": planned, "plan_error": planned / r["peak_bytes"] - 1}
-    print(f"1.4B shape SFT step, bf16, B=1 L={args.memory_seq_len} on the CPU ({r['seconds']:.0f}s): measured peak "
+    results["memory"] = {**r, "dtype": args.memory_dtype, "planned_bytes": planned,
+                         "plan_error": planned / r["peak_bytes"] - 1}
+    print(f"1.4B shape SFT step, {args.memory_dtype}, B=1 L={args.memory_seq_len} on the CPU ({r['seconds']:.0f}s): measured peak "
           f"{r['peak_bytes'] / 2**30:.2f} GiB, plan {planned / 2**30:.2f} GiB ({planned / r['peak_bytes'] - 1:+.0%})")
     for part, size in r["plan"].items():
         print(f"  plan: {part:<18} {size / 2**30:6.2f} GiB")
@@ -222,6 +252,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure")
     parser.add_argument("--full_reference", action="store_true", help="time the reference scan at full length (minutes)")
     parser.add_argument("--memory_seq_len", type=int, default=2048, help="sequence length of the --memory step")
+    parser.add_argument("--memory_dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="frozen-weight and compute dtype of the --memory step; float32 on CPUs without "
+                             "native bf16, where a bf16 step takes hours")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.repeats < 1:

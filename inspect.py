@@ -40,7 +40,7 @@ BAR = "█"
 
 
 def bar(value, max_value, width=30):
-    """A horizontal bar of `width` characters at full scale."""
+    """Draw a horizontal bar, `width` characters at full scale."""
     n = 0 if max_value <= 0 else round(width * value / max_value)
     return BAR * max(0, min(width, n))
 
@@ -61,7 +61,7 @@ def row_norm_stats(weight, token_id):
 
 
 def surviving_signal(final_with, final_without, logits_with, logits_without):
-    """How much of the arms' injection reaches the head: ||h_with - h_without|| / ||h_with||
+    """Measure how much of the arms' injection reaches the head: ||h_with - h_without|| / ||h_with||
     (mean over positions), and KL(p_with || p_without) of the next-token distributions."""
     share = ((final_with - final_without).norm(dim=-1) / final_with.norm(dim=-1).clamp(min=1e-12)).mean()
     log_p, log_q = logits_with.float().log_softmax(-1), logits_without.float().log_softmax(-1)
@@ -108,7 +108,7 @@ def think_steps(text):
 
 
 def held_out_records(ckpt, n):
-    """The held-out problems train.py evaluated on: its JSONL file's, or the demo's."""
+    """Rebuild the held-out problems train.py evaluated on: its JSONL file's, or the demo's."""
     args = ckpt.get("args", {})
     if args.get("data"):
         records = titan.read_jsonl(args["data"])

@@ -1,7 +1,7 @@
 """
 Generate from a trained Titan checkpoint with the recurrent step (the prompt is processed once).
 
-    python sample.py --prompt "12+7-5"              # asks in the training template
+    python sample.py --prompt "12+7-5"              # the question, in the training template
     python sample.py --raw --prompt "3+4=" --max_new_tokens 8
     python sample.py --prompt "12+7-5" --moe_scale 0   # the backbone alone
 """

@@ -253,7 +253,13 @@ class _ChunkedScan(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, B, C, h0=None, chunk=64):
-    """Chunked selective scan with the same contract as selective_scan_ref; used for training."""
+    """Chunked selective scan with the same contract as selective_scan_ref; used for training.
+
+    A single step without autograd (token-by-token decoding) runs the reference's one-step
+    update directly, because the chunk machinery only adds overhead there.
+    """
+    if u.shape[1] == 1 and not torch.is_grad_enabled():
+        return selective_scan_ref(u, delta, A, B, C, h0)
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.promote_types(u.dtype, torch.float32))
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk)
@@ -338,7 +344,11 @@ class MambaMixer(nn.Module):
             context = torch.cat([state[0].to(x.dtype), x], dim=-1)
             h0 = state[1]
         conv_state = context[..., -(self.d_conv - 1):]                        # (b, e, k-1)
-        x = F.conv1d(context, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        if l == 1:
+            # one output position is a dot product per channel; conv1d's setup costs more than it
+            x = (context * self.conv1d.weight[:, 0]).sum(-1, keepdim=True) + self.conv1d.bias[:, None]
+        else:
+            x = F.conv1d(context, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
         x = F.silu(x.transpose(1, 2))                                         # (b, l, e)
 
         # 3. selection: Δ, B and C depend on the input
@@ -568,7 +578,10 @@ class Titan(nn.Module):
         return torch.cat([w, self.special.to(w.dtype)], dim=0)
 
     def head(self, x):
-        return F.linear(self.lm.norm_f(x), self.head_weight())
+        # two products then a concatenation of logits, so the large frozen head is never copied
+        h = self.lm.norm_f(x)
+        frozen = F.linear(h, self.lm.embedding.weight[:self.cfg.backbone.vocab_size])
+        return torch.cat([frozen, F.linear(h, self.special.to(frozen.dtype))], dim=-1)
 
     def forward(self, ids, cache=None, moe_scale=None, use_blackboard=None, probe=None):
         """ids: (b, l). cache: None or the state returned by an earlier call.

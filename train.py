@@ -126,7 +126,7 @@ scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def planned_backbone_config():
-    """The backbone's MambaConfig without downloading weights: demo, known hub id, or local config.json."""
+    """Build the backbone's MambaConfig without downloading weights: demo, known hub id, or local config.json."""
     if args.backbone is None:
         return titan.MambaConfig(d_model=args.demo_d_model, n_layer=args.demo_n_layer, d_state=args.demo_d_state,
                                  vocab_size=256)
