@@ -36,8 +36,8 @@ def peak_rss_bytes():
 class PeakSampler:
     """Sample this process's RSS every 0.2 ms in a thread; `peak` is the largest value seen.
 
-    The child processes run with MALLOC_MMAP_THRESHOLD_ set low, so glibc gives large blocks
-    back to the system when torch frees them and the RSS follows the live tensors.
+    Use it in a child started with in_child(..., track_memory=True), where the RSS follows the
+    live tensors.
     NOTE: a peak shorter than the sampling interval can be missed.
     """
 
@@ -68,9 +68,17 @@ def median_time(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
-def in_child(target, *args):
-    """Run target(*args) in a fresh process and return its result, so its peak RSS is its own."""
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)     # read by glibc when the child starts
+def in_child(target, *args, track_memory=False):
+    """Run target(*args) in a fresh process and return its result, so its peak RSS is its own.
+
+    With track_memory, glibc in the child returns every block of 64 KiB or more to the system
+    on free, so the RSS follows the live tensors. That costs page faults, so timings are taken
+    in a child without it.
+    """
+    if track_memory:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)   # read by glibc when the child starts
+    else:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(target, args)
@@ -107,6 +115,7 @@ def bench_scan(args, results):
     for b, l in ((1, 1024), (4, 256)):
         e, n = 1536, 16
         fast = in_child(scan_case, b, l, e, n, "fast", args.repeats)
+        fast["extra_peak_bytes"] = in_child(scan_case, b, l, e, n, "fast", 1, track_memory=True)["extra_peak_bytes"]
         ref_len = l if args.full_reference else min(l, 128)
         ref = in_child(scan_case, b, ref_len, e, n, "ref", 1)
         ref_seconds = ref["seconds"] * l / ref_len
@@ -171,7 +180,7 @@ def bench_decode(args, results):
 # SFT step: 130m shape, frozen backbone, default arms, L=1024
 
 
-def sft_case(seq_len, repeats, frozen_dtype_name, arms_only):
+def sft_case(seq_len, repeats, frozen_dtype_name):
     dtype = getattr(torch, frozen_dtype_name)
     base = rss_bytes()
     model = model_130m()
@@ -193,7 +202,9 @@ def sft_case(seq_len, repeats, frozen_dtype_name, arms_only):
 
 
 def bench_sft(args, results):
-    r = in_child(sft_case, 1024, args.repeats, "float32", False)
+    # each step takes tens of seconds on a CPU, so at most 3 timed repeats
+    r = in_child(sft_case, 1024, min(args.repeats, 3), "float32")
+    r["peak_bytes"] = in_child(sft_case, 1024, 1, "float32", track_memory=True)["peak_bytes"]
     results["sft"] = r
     print(f"SFT step, 130m shape frozen (fp32) + default arms, B=1 L=1024: {r['seconds']:.2f}s, "
           f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_bytes'] / 2**30:.2f} GiB above the empty process")

@@ -252,14 +252,18 @@ class _ChunkedScan(torch.autograd.Function):
         return (*(gr.to(dt) for gr, dt in zip(grads, ctx.in_dtypes)), None)
 
 
-def selective_scan(u, delta, A, B, C, h0=None, chunk=64):
+def selective_scan(u, delta, A, B, C, h0=None, chunk=None):
     """Chunked selective scan with the same contract as selective_scan_ref; used for training.
 
-    A single step without autograd (token-by-token decoding) runs the reference's one-step
-    update directly, because the chunk machinery only adds overhead there.
+    The default chunk holds about 2^20 state elements (b * chunk * e * n), between 8 and 64
+    steps, so the per-chunk buffers stay a few MB whatever the batch size. A single step without
+    autograd (token-by-token decoding) runs the reference's one-step update directly, because
+    the chunk machinery only adds overhead there.
     """
     if u.shape[1] == 1 and not torch.is_grad_enabled():
         return selective_scan_ref(u, delta, A, B, C, h0)
+    if chunk is None:
+        chunk = max(8, min(64, (1 << 20) // (u.shape[0] * u.shape[2] * A.shape[1])))
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.promote_types(u.dtype, torch.float32))
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk)
