@@ -255,7 +255,7 @@ class _ChunkedScan(torch.autograd.Function):
 def selective_scan(u, delta, A, B, C, h0=None, chunk=None):
     """Chunked selective scan with the same contract as selective_scan_ref; used for training.
 
-    The default chunk holds about 2^20 state elements (b * chunk * e * n), between 8 and 64
+    The default chunk contains about 2^20 state elements (b * chunk * e * n), between 8 and 64
     steps, so the per-chunk buffers stay a few MB whatever the batch size. A single step without
     autograd (token-by-token decoding) runs the reference's one-step update directly, because
     the chunk machinery only adds overhead there.
