@@ -37,7 +37,6 @@ import math
 import os
 import pathlib
 import pickle
-import random
 import re
 import struct
 import sys

@@ -14,7 +14,6 @@ On a pretrained backbone in the state-spaces layout:
 import argparse
 import json
 import math
-import os
 import pathlib
 import random
 import sys
