@@ -1481,3 +1481,45 @@ def test_think_steps_counts_lines(inspect_module):
 def test_cosine_matrix_diagonal(inspect_module):
     sims = inspect_module.cosine_matrix(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]))
     assert torch.allclose(sims, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# interrupted and diverging runs
+
+TINY_RUN = ["--pretrain_steps", "20", "--demo_d_model", "16", "--demo_n_layer", "2", "--batch_size", "4",
+            "--eval_problems", "2", "--log_interval", "1", "--seq_len", "64"]
+
+
+def test_nan_step_is_skipped(tmp_path):
+    result = run(["train.py", "--out_dir", str(tmp_path), *TINY_RUN, "--max_steps", "3", "--eval_interval", "10",
+                  "--inject_nan_step", "2", "--max_bad_steps", "2"])
+    assert result.returncode == 2, result.stderr
+    assert "step 2: non-finite loss nan; step skipped (1 in a row)" in result.stderr, result.stderr
+    assert "2 non-finite steps in a row, the last at step 2; stopped" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
+    result = run(["train.py", "--out_dir", str(tmp_path), *TINY_RUN, "--max_steps", "6", "--eval_interval", "2",
+                  "--inject_nan_step", "4", "--max_bad_steps", "3"])
+    assert result.returncode == 2, result.stderr
+    ckpt = titan.read_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 2, ckpt["step"]
+    assert all(torch.isfinite(v).all() for v in ckpt["trainable"].values())
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    import signal
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(tmp_path), *TINY_RUN, "--max_steps", "100000",
+                             "--eval_interval", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step 2:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in out and "continue with --resume" in out, out
+    ckpt = titan.read_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] >= 2, ckpt["step"]

@@ -16,6 +16,7 @@ import json
 import math
 import pathlib
 import random
+import signal
 import sys
 import time
 
@@ -76,6 +77,8 @@ g.add_argument("--vram_gb", type=float, default=None, help="memory budget the pl
 g.add_argument("--log_interval", type=int, default=100, help="steps between log lines")
 g.add_argument("--eval_interval", type=int, default=400, help="steps between held-out loss evaluations and checkpoints")
 g.add_argument("--seed", type=int, default=1337, help="random seed")
+g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite steps in a row after which the run stops")
+g.add_argument("--inject_nan_step", type=int, default=0, help="testing aid: make the loss NaN from this step on (0: off)")
 args = parser.parse_args()
 
 
@@ -85,7 +88,8 @@ def fail(message):
     sys.exit(2)
 
 
-for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "n_arms", "log_interval", "eval_interval"):
+for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "n_arms", "log_interval", "eval_interval",
+             "max_bad_steps"):
     if getattr(args, name) < 1:
         fail(f"--{name} {getattr(args, name)} must be at least 1")
 if not math.isfinite(args.moe_scale) or args.moe_scale < 0:
@@ -347,8 +351,31 @@ def save_checkpoint():
 
 
 # -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM let the current step finish, then save and exit; a second one kills at once
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+    print(f"\n{stop_signal} received: saving after this step (send it again to quit without saving)", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+
+def nonfinite_gradients():
+    """Names of the trainable modules whose gradient has a NaN or Inf, e.g. 'arms.arms.3.mixer'."""
+    return sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
+                   if p.grad is not None and not torch.isfinite(p.grad).all()})
+
+
+# -----------------------------------------------------------------------------
 # training loop
 examples = training_examples(data_rng)
+bad_in_row = 0
 model.train()
 t_last, tokens_since = time.time(), 0
 print(f"SFT for {args.max_steps} steps, batch {args.batch_size} x {args.grad_accum}, lr {args.lr}")
@@ -365,11 +392,27 @@ while step < args.max_steps:
             logits, aux, _ = model(x, probe=probe)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
             total = (loss + cfg.load_balance_coef * aux) / args.grad_accum
+            if args.inject_nan_step and step + 1 >= args.inject_nan_step:
+                total = total * float("nan")
+                loss = loss * float("nan")
         scaler.scale(total).backward()
         loss_sum += loss.item() / args.grad_accum
         aux_sum += aux.item() / args.grad_accum
         usage += (probe["gates"] > 0).float().flatten(0, 1).mean(0).cpu() / args.grad_accum
         tokens_since += x.numel()
+    # a non-finite loss or gradient skips the update; fp16's GradScaler skips its own overflows
+    bad = f"loss {loss_sum}" if not math.isfinite(loss_sum) else None
+    if bad is None and not scaler.is_enabled() and nonfinite_gradients():
+        bad = "gradient in " + ", ".join(nonfinite_gradients())
+    if bad is not None:
+        optimizer.zero_grad(set_to_none=True)
+        bad_in_row += 1
+        print(f"step {step + 1}: non-finite {bad}; step skipped ({bad_in_row} in a row)", file=sys.stderr)
+        if bad_in_row >= args.max_bad_steps:
+            fail(f"{bad_in_row} non-finite steps in a row, the last at step {step + 1}; stopped, and the last good "
+                 f"checkpoint {ckpt_path} is kept. Lower --lr or check the data")
+        continue
+    bad_in_row = 0
     if args.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
@@ -390,6 +433,10 @@ while step < args.max_steps:
                f"to fit --seq_len {args.seq_len}" if truncation["cut_tokens"] or truncation["skipped"] else "")
         print(f"step {step}: held-out loss {held_out_loss():.4f}{cut}")
         save_checkpoint()
+    if stop_signal:
+        save_checkpoint()
+        print(f"saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # held-out accuracy with the arms switched off (the backbone alone) and on
