@@ -84,15 +84,20 @@ def lock_start(token_ids, cosines, threshold, max_period=8, min_repeats=4):
     """Return the generated-token index where an attractor lock began, or None.
 
     A generation is locked when it ends in a loop (a block of 1..max_period tokens repeated
-    min_repeats times or more) and the cosine similarity between consecutive hidden states stays
-    above `threshold` over the whole loop. cosines[t] compares the hidden states of steps t-1, t.
+    min_repeats times or more) and, from some step of that loop to the end, the cosine similarity
+    between consecutive hidden states stays above `threshold` for at least min_repeats periods.
+    The lock begins at the first such step. cosines[t] compares the hidden states of steps t-1, t.
     """
     loop = titan.find_loop(token_ids, max_period, min_repeats)
     if loop is None:
         return None
-    _, start = loop
-    tail = cosines[max(start, 1):]
-    return start if len(tail) and min(tail) > threshold else None
+    period, start = loop
+    for t in range(max(start, 1), len(cosines)):
+        if len(token_ids) - t < period * min_repeats:
+            return None
+        if min(cosines[t:]) > threshold:
+            return t
+    return None
 
 
 def think_steps(text):

@@ -1471,6 +1471,10 @@ def test_lock_needs_loop_and_high_cosine(inspect_module):
     assert inspect_module.lock_start(ids, [0.0] + [0.99] * 10, 0.95) == 1
     assert inspect_module.lock_start(ids, [0.0] + [0.5] * 10, 0.95) is None, "tokens loop but the state moves"
     assert inspect_module.lock_start([1, 2, 3, 4, 5, 6, 7, 8], [0.0] + [0.99] * 7, 0.95) is None
+    # the state settles two steps into the loop: the lock begins there
+    assert inspect_module.lock_start([56] * 10, [0.0, 0.94, 0.94] + [0.999] * 7, 0.95) == 3
+    # it settles too late for min_repeats periods to follow
+    assert inspect_module.lock_start([56] * 10, [0.0] + [0.5] * 6 + [0.999] * 3, 0.95) is None
 
 
 def test_think_steps_counts_lines(inspect_module):
