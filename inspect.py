@@ -83,10 +83,10 @@ def cosine_matrix(vectors):
 def lock_start(token_ids, cosines, threshold, max_period=8, min_repeats=4):
     """Return the generated-token index where an attractor lock began, or None.
 
-    A generation is locked when it ends in a loop (a block of 1..max_period tokens repeated
-    min_repeats times or more) and, from some step of that loop to the end, the cosine similarity
-    between consecutive hidden states stays above `threshold` for at least min_repeats periods.
-    The lock begins at the first such step. cosines[t] compares the hidden states of steps t-1, t.
+    A generation is locked when it ends in a loop, a block of 1..max_period tokens repeated
+    min_repeats times or more. The cosine similarity between consecutive hidden states must also
+    stay above `threshold` from some step of that loop to the end, for at least min_repeats
+    periods. The lock begins at the first such step. cosines[t] compares the hidden states of steps t-1, t.
     """
     loop = titan.find_loop(token_ids, max_period, min_repeats)
     if loop is None:

@@ -116,7 +116,8 @@ def test_mixer_initialisation():
     mixer = titan.MambaMixer(d_model=40, d_state=6)
     dt = F.softplus(mixer.dt_proj.bias)
     assert mixer.dt_rank == math.ceil(40 / 16), mixer.dt_rank
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001, (dt.min(), dt.max())
+    assert dt.min() >= 1e-3 * 0.999, dt.min()
+    assert dt.max() <= 0.1 * 1.001, dt.max()
     assert torch.equal(mixer.A_log[0], torch.log(torch.arange(1, 7.0))), mixer.A_log[0]
     assert torch.equal(mixer.D, torch.ones(80))
 
@@ -125,7 +126,8 @@ def test_backbone_init_keeps_dt_bias():
     lm = tiny_backbone()
     for layer in lm.layers:
         dt = F.softplus(layer.mixer.dt_proj.bias)
-        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001, (dt.min(), dt.max())
+        assert dt.min() >= 1e-3 * 0.999, dt.min()
+        assert dt.max() <= 0.1 * 1.001, dt.max()
 
 
 def test_rmsnorm_matches_torch():
@@ -429,7 +431,8 @@ def test_format_example_truncates_reasoning_not_answer():
     rec = {"question": "q", "reasoning": "x" * 500, "answer": "42"}
     stats = {}
     ids, mask = titan.format_example(tok, rec, seq_len=64, stats=stats)
-    assert len(ids) == 65 and len(mask) == 65
+    assert len(ids) == 65, len(ids)
+    assert len(mask) == 65, len(mask)
     assert ids[-5:] == [tok.end_think_id] + tok.encode("\n42") + [tok.eot_id], tok.decode(ids)
     full, _ = titan.format_example(tok, rec)
     assert stats["cut_tokens"] == len(full) - 65
@@ -556,7 +559,8 @@ def test_train_sample_inspect_smoke(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "step 4: loss" in result.stdout, result.stdout
     assert "held-out accuracy, backbone alone (moe_scale 0)" in result.stdout
-    assert (out / "ckpt.pt").is_file() and (out / "demo_backbone" / "config.json").is_file()
+    assert (out / "ckpt.pt").is_file()
+    assert (out / "demo_backbone" / "config.json").is_file()
 
     result = run(["sample.py", "--ckpt", str(out / "ckpt.pt"), "--prompt", "3+4-2", "--max_new_tokens", "12"])
     assert result.returncode == 0, result.stderr
@@ -576,13 +580,15 @@ def test_train_rejects_bad_flags(tmp_path):
                            (["--seq_len", "0"], "--seq_len 0")):
         result = run(["train.py", "--out_dir", str(tmp_path), *flags])
         assert result.returncode == 2, (flags, result.stderr)
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_sample_rejects_missing_checkpoint(tmp_path):
     result = run(["sample.py", "--ckpt", str(tmp_path / "none.pt")])
     assert result.returncode == 2
-    assert "not found" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "not found" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 # GPT-NeoX-20B ids for (text, ids) pairs, recorded once with HF tokenizers 0.23.3 (a development
@@ -1400,7 +1406,8 @@ def test_wrong_tokenizer_size_is_an_error(tmp_path):
     with pytest.raises(titan.CheckpointError, match="pass the tokenizer the backbone was trained with"):
         titan.load_backbone(folder, vocab_size=40)
     model, _ = titan.load_backbone(folder, vocab_size=40, force_vocab=True)
-    assert model.cfg.vocab_size == 40 and model.cfg.padded_vocab_size == 56
+    assert model.cfg.vocab_size == 40, model.cfg.vocab_size
+    assert model.cfg.padded_vocab_size == 56, model.cfg.padded_vocab_size
 
 
 def test_dry_run_plans_without_download(tmp_path):
@@ -1440,7 +1447,8 @@ def test_row_norm_percentile_of_smallest_row(inspect_module):
     weight = torch.randn(100, 8) + 1.0
     weight[42] = weight.norm(dim=-1).min() * 0.5 * weight[42] / weight[42].norm()
     stats = inspect_module.row_norm_stats(weight, 42)
-    assert stats["percentile"] == 0.0 and stats["rank"] == 0, stats
+    assert stats["percentile"] == 0.0, stats
+    assert stats["rank"] == 0, stats
     weight[42] *= 1000
     assert inspect_module.row_norm_stats(weight, 42)["percentile"] == pytest.approx(99.0)
 
@@ -1453,12 +1461,14 @@ def test_zero_up_projection_survives_nothing(inspect_module):
         logits, _, _ = model(ids, probe=with_arms, moe_scale=3.0)
         logits_off, _, _ = model(ids, probe=without, moe_scale=0.0)
     share, kl = inspect_module.surviving_signal(with_arms["final_hidden"], without["final_hidden"], logits, logits_off)
-    assert share == 0.0 and kl == 0.0, (share, kl)
+    assert share == 0.0, share
+    assert kl == 0.0, kl
     torch.nn.init.normal_(model.arms.up.weight, std=0.5)
     with torch.no_grad():
         logits, _, _ = model(ids, probe=with_arms, moe_scale=3.0)
     share, kl = inspect_module.surviving_signal(with_arms["final_hidden"], without["final_hidden"], logits, logits_off)
-    assert share > 0 and kl > 0, (share, kl)
+    assert share > 0, share
+    assert kl > 0, kl
 
 
 def test_routing_entropy_limits(inspect_module):
@@ -1524,6 +1534,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "SIGTERM received" in out and "continue with --resume" in out, out
+    assert "SIGTERM received" in out, out
+    assert "continue with --resume" in out, out
     ckpt = titan.read_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] >= 2, ckpt["step"]
