@@ -18,6 +18,8 @@ parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by
 parser.add_argument("--prompt", default="12+7-5", help="the question (or, with --raw, the exact text to continue)")
 parser.add_argument("--raw", action="store_true", help="pass --prompt unchanged instead of applying the template")
 parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
+parser.add_argument("--max_len", type=int, default=None, help="budget of prompt plus generated tokens (default: the "
+                    "--seq_len the checkpoint was trained at; the arms never saw positions beyond it)")
 parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
 parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
@@ -42,6 +44,8 @@ if not args.prompt:
     fail("--prompt is empty; pass a question such as --prompt \"12+7-5\"")
 if args.max_new_tokens < 1:
     fail(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
+if args.max_len is not None and args.max_len < 2:
+    fail(f"--max_len {args.max_len} must be at least 2")
 if args.temperature < 0:
     fail(f"--temperature {args.temperature} must be >= 0")
 if not 0 < args.top_p <= 1:
@@ -59,6 +63,15 @@ except (ValueError, FileNotFoundError) as err:
     fail(str(err))
 
 prompt = tok.encode(args.prompt) if args.raw else titan.question_prompt(tok, args.prompt)
+budget = args.max_len or ckpt.get("args", {}).get("seq_len") or len(prompt) + args.max_new_tokens
+if len(prompt) >= budget:
+    fail(f"--prompt is {len(prompt)} tokens, which leaves no room in the budget of {budget} tokens "
+         f"({'--max_len' if args.max_len else 'the --seq_len the checkpoint was trained at'}); shorten the prompt, "
+         "or raise --max_len if you accept positions the arms were not trained on")
+if len(prompt) + args.max_new_tokens > budget:
+    args.max_new_tokens = budget - len(prompt)
+    print(f"note: --max_new_tokens lowered to {args.max_new_tokens} to stay within the budget of {budget} tokens "
+          "(--max_len)", file=sys.stderr)
 print(args.prompt if args.raw else titan.PROMPT_TEMPLATE.format(question=args.prompt), end="", flush=True)
 
 generator = torch.Generator(device=args.device).manual_seed(args.seed)

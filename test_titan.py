@@ -1538,3 +1538,256 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert "continue with --resume" in out, out
     ckpt = titan.read_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] >= 2, ckpt["step"]
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A saved 2-layer backbone and a 30-record JSONL file, for train.py runs that skip pretraining."""
+    torch.manual_seed(0)
+    titan.save_backbone(titan.MambaLM(titan.MambaConfig(d_model=16, n_layer=2, d_state=4, vocab_size=256)),
+                        tmp_path / "backbone")
+    rng = random.Random(0)
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for _ in range(30):
+            f.write(json.dumps(titan.arithmetic_problem(rng, rng.choice([2, 3]), 30)) + "\n")
+    return ["--backbone", str(tmp_path / "backbone"), "--tokenizer", "bytes", "--data", str(tmp_path / "data.jsonl"),
+            "--d_bridge", "16", "--arm_d_state", "4", "--d_blackboard", "8", "--batch_size", "4", "--seq_len", "64",
+            "--eval_problems", "2", "--log_interval", "1", "--warmup_steps", "2"]
+
+
+def logged_losses(out_dir):
+    """{step: loss} from log.jsonl; a step logged twice (after a resume) keeps its last value."""
+    losses = {}
+    for line in (out_dir / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_run):
+    # 12 steps over 26 records at batch 4 cross two epochs, so the shuffled order must resume too
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    result = run(["train.py", *tiny_run, "--out_dir", str(whole), "--max_steps", "12", "--eval_interval", "100"])
+    assert result.returncode == 0, result.stderr
+    result = run(["train.py", *tiny_run, "--out_dir", str(split), "--max_steps", "12", "--eval_interval", "100",
+                  "--stop_step", "6"])
+    assert result.returncode == 0, result.stderr
+    assert "--stop_step: saved" in result.stdout, result.stdout
+    assert max(logged_losses(split)) == 6
+    result = run(["train.py", *tiny_run, "--out_dir", str(split), "--max_steps", "12", "--eval_interval", "100",
+                  "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout, result.stdout
+    assert "at step 6" in result.stdout, result.stdout
+    assert logged_losses(split) == logged_losses(whole)
+    a, b = titan.read_checkpoint(whole / "ckpt.pt"), titan.read_checkpoint(split / "ckpt.pt")
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["trainable"].items():
+        assert torch.equal(tensor, b["trainable"][name]), name
+
+
+def test_fresh_run_refuses_checkpoint(tmp_path, tiny_run):
+    result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert result.returncode == 0, result.stderr
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert result.returncode == 2, result.stderr
+    assert "already holds a checkpoint" in result.stderr, result.stderr
+    assert "pass --resume" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_keep_n_keeps_the_newest(tmp_path, tiny_run):
+    out = tmp_path / "out"
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "5", "--eval_interval", "1",
+                  "--keep", "3"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt.pt", "ckpt_0000003.pt", "ckpt_0000004.pt",
+                                                         "ckpt_0000005.pt"]
+    assert titan.read_checkpoint(out / "ckpt_0000003.pt")["step"] == 3
+    assert (out / "ckpt.pt").read_bytes() == (out / "ckpt_0000005.pt").read_bytes()
+
+
+def fake_checkpoint(step, size=4):
+    return {"format": titan.CHECKPOINT_FORMAT, "step": step, "trainable": {"w": torch.full((size,), float(step))}}
+
+
+def test_latest_skips_broken_newest(tmp_path):
+    for step in (1, 2, 3):
+        titan.save_checkpoint(fake_checkpoint(step), tmp_path, keep=3)
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")       # not how a save fails, but the fallback must hold
+    (tmp_path / "ckpt_0000003.pt").unlink()
+    warnings = []
+    path, ckpt = titan.latest_checkpoint(tmp_path, log=warnings.append)
+    assert (path.name, ckpt["step"]) == ("ckpt_0000002.pt", 2)
+    assert "ckpt.pt" in warnings[0]
+
+
+def test_latest_prefers_newer_numbered(tmp_path):
+    # a kill between the two renames of a save leaves the new step under its numbered name only
+    titan.save_checkpoint(fake_checkpoint(1), tmp_path, keep=2)
+    titan.atomic_save(fake_checkpoint(2), tmp_path / "ckpt_0000002.pt")
+    path, ckpt = titan.latest_checkpoint(tmp_path)
+    assert (path.name, ckpt["step"]) == ("ckpt_0000002.pt", 2)
+
+
+def test_latest_without_any_fails(tmp_path):
+    with pytest.raises(ValueError, match="no loadable checkpoint"):
+        titan.latest_checkpoint(tmp_path)
+
+
+def test_failed_write_keeps_previous(tmp_path, monkeypatch):
+    import errno
+    titan.save_checkpoint(fake_checkpoint(1), tmp_path)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(titan.os, "fsync", disk_full)
+    with pytest.raises(OSError) as info:
+        titan.save_checkpoint(fake_checkpoint(2), tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_full_disk_keeps_previous(tmp_path, tiny_run):
+    # a real failing write: the file-size limit makes write() fail with EFBIG once the file grows
+    import resource
+    import signal
+    out = tmp_path / "out"
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "2", "--eval_interval", "2"])
+    assert result.returncode == 0, result.stderr
+    before = (out / "ckpt.pt").read_bytes()
+    limit = len(before) // 2
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "4",
+                             "--eval_interval", "1", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env, preexec_fn=limit_file_size)
+    assert "failed (File too large); the checkpoint of step 2 is kept" in result.stderr, result.stderr
+    assert "step 4: loss" in result.stdout, result.stdout          # the run carried on
+    assert result.returncode == 2, result.stderr
+    assert "the final save failed" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not list(out.glob(".ckpt*"))
+
+
+# Imports torch once, then forks one saver per line read: each saver resumes from the newest
+# checkpoint and saves step after step until it is killed. Forking skips a 2 s import per kill.
+KILL_SAVER = """
+import os, sys, titan, torch
+out, size = sys.argv[1], int(sys.argv[2])
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            step = titan.latest_checkpoint(out, log=lambda m: None)[1]["step"]
+        except ValueError:
+            step = 0
+        while True:
+            step += 1
+            titan.save_checkpoint({"format": titan.CHECKPOINT_FORMAT, "step": step,
+                                   "trainable": {"w": torch.full((size,), float(step))}}, out, keep=2)
+            print("saved", step, flush=True)
+    print("pid", pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+def test_kill_during_save(tmp_path):
+    """SIGKILL a saving process 20 times at random moments. After each kill, the newest complete
+    checkpoint must load and hold the step it claims."""
+    import signal
+    import time
+    rng = random.Random(0)
+    size = 2_000_000
+    zygote = subprocess.Popen([sys.executable, "-c", KILL_SAVER, str(tmp_path), str(size)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    mid_save, last = 0, None
+    try:
+        for kill in range(20):
+            zygote.stdin.write("go\n")
+            zygote.stdin.flush()
+            lines = []
+            while not (line := zygote.stdout.readline()).startswith("pid"):
+                lines.append(line)
+            time.sleep(rng.uniform(0.0, 0.4))
+            os.kill(int(line.split()[1]), signal.SIGKILL)
+            while (line := zygote.stdout.readline()) != "reaped\n":
+                assert line, "the saver process ended on its own"
+                lines.append(line)
+            saved = [int(line.split()[1]) for line in lines if line.startswith("saved")]
+            last = saved[-1] if saved else last
+            mid_save += bool(list(tmp_path.glob(".ckpt*")))
+            if last is None and not list(tmp_path.glob("ckpt*")):
+                continue                    # killed before its first save finished
+            path, ckpt = titan.latest_checkpoint(tmp_path)
+            assert ckpt["step"] in (last, (last or 0) + 1), (kill, ckpt["step"], last)
+            assert torch.equal(ckpt["trainable"]["w"], torch.full((size,), float(ckpt["step"]))), kill
+            last = ckpt["step"]
+    finally:
+        zygote.kill()
+        zygote.wait()
+    assert last is not None and last >= 10, last
+    assert mid_save >= 1, "no kill landed inside a save; the test did not exercise the window"
+
+
+def test_torchrun_gloo_matches_one_process(tmp_path, tiny_run):
+    """2 ranks at batch 2 each must follow a 1-process run at batch 4: same data, same averaged gradient."""
+    flags = [*tiny_run, "--max_steps", "3", "--eval_interval", "100", "--load_balance_coef", "0"]
+    one = run(["train.py", *flags, "--out_dir", str(tmp_path / "one"), "--batch_size", "4"])
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", *flags,
+                          "--out_dir", str(tmp_path / "two"), "--batch_size", "2", "--backend", "gloo"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 ranks" in two.stdout, two.stdout
+    assert two.stdout.count("SFT for 3 steps") == 1, "only rank 0 logs"
+    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
+    w1 = titan.read_checkpoint(tmp_path / "one" / "ckpt.pt")["trainable"]
+    w2 = titan.read_checkpoint(tmp_path / "two" / "ckpt.pt")["trainable"]
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+
+
+def test_long_records_warn_once(tmp_path, tiny_run):
+    with open(tmp_path / "data.jsonl", "a") as f:
+        f.write(json.dumps({"question": "1+1", "reasoning": "1+1=2\n" * 40, "answer": "2"}) + "\n")
+        f.write(json.dumps({"question": "9" * 80, "reasoning": "x", "answer": "1"}) + "\n")
+    result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "out"), "--max_steps", "12",
+                  "--eval_interval", "12"])
+    assert result.returncode == 0, result.stderr
+    assert "warning: a record is longer than --seq_len 64 (question '1+1')" in result.stderr, result.stderr
+    assert "warning: a record's prompt and answer alone are longer than --seq_len 64" in result.stderr
+    assert result.stderr.count("warning: a record") == 2, "each warning once"
+    assert "records cut by" in result.stdout, result.stdout
+    assert "skipped to fit --seq_len 64" in result.stdout, result.stdout
+
+
+def test_sample_prompt_budget(tmp_path, tiny_run):
+    out = tmp_path / "out"
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "1"])
+    assert result.returncode == 0, result.stderr
+    result = run(["sample.py", "--ckpt", str(out / "ckpt.pt"), "--prompt", "1+" * 40])
+    assert result.returncode == 2, result.stderr
+    assert "--prompt is 98 tokens, which leaves no room in the budget of 64 tokens" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    result = run(["sample.py", "--ckpt", str(out / "ckpt.pt"), "--prompt", "1+2", "--max_new_tokens", "100"])
+    assert result.returncode == 0, result.stderr
+    assert "--max_new_tokens lowered to 43" in result.stderr, result.stderr

@@ -32,12 +32,14 @@ D -> D, x -> u (the scan input) and h -> the SSM state.
 import dataclasses
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
 import pathlib
 import pickle
 import re
+import shutil
 import struct
 import sys
 import time
@@ -667,22 +669,122 @@ class Titan(nn.Module):
 # Loading backbones and checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, link_as=None):
     """torch.save to a temporary file beside `path`, fsync it, then rename it into place.
 
     A crash or a full disk leaves either the old file or the new one at `path`, never half
-    of one. The temporary file is removed if writing fails.
+    of one. The object is serialised in memory first, so that a failed write surfaces as an
+    OSError that names the cause (torch's own file writer reports only a position mismatch).
+    With `link_as`, the finished file also appears under that second name before the rename.
+    The temporary file is removed if writing fails.
     """
     path = pathlib.Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        if link_as is not None:
+            _link_or_copy(tmp, pathlib.Path(link_as))
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: pathlib.Path, dest: pathlib.Path):
+    """Make `dest` a second name of `src` (a hard link, no extra disk), or an atomic copy where
+    the file system has no hard links."""
+    part = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    part.unlink(missing_ok=True)
+    try:
+        os.link(src, part)
+    except OSError:
+        shutil.copyfile(src, part)
+    os.replace(part, dest)
+
+
+def _fsync_folder(folder: pathlib.Path):
+    """Make a rename inside `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+CHECKPOINT_NAME = "ckpt.pt"
+_NUMBERED_CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt")
+
+
+def save_checkpoint(ckpt, out_dir, keep=1):
+    """Write a training checkpoint as out_dir/ckpt.pt and keep the `keep` newest ones.
+
+    ckpt.pt is always the newest. With keep > 1 each save also appears as ckpt_{step:07d}.pt
+    (a hard link to the same bytes) and the oldest numbered files beyond `keep` are deleted.
+    Every file is complete whenever it is visible: a kill at any point leaves the previous
+    checkpoint, or the new one, loadable (see latest_checkpoint). Raises OSError if the disk
+    is full or the folder unwritable; the previous checkpoint then stays as it was.
+    """
+    out_dir = pathlib.Path(out_dir)
+    for stale in out_dir.glob(".ckpt*.tmp*"):       # left by a run killed while saving
+        stale.unlink(missing_ok=True)
+    numbered = out_dir / f"ckpt_{ckpt['step']:07d}.pt" if keep > 1 else None
+    atomic_save(ckpt, out_dir / CHECKPOINT_NAME, link_as=numbered)
+    kept = keep if keep > 1 else 0                  # with keep 1, ckpt.pt alone
+    for _, path in sorted(numbered_checkpoints(out_dir), reverse=True)[kept:]:
+        path.unlink(missing_ok=True)
+
+
+def numbered_checkpoints(out_dir):
+    """(step, path) of every ckpt_{step}.pt in out_dir."""
+    found = []
+    for path in pathlib.Path(out_dir).glob("ckpt_*.pt"):
+        match = _NUMBERED_CHECKPOINT.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def latest_checkpoint(out_dir, log=print):
+    """Load the newest readable checkpoint in out_dir. Returns (path, checkpoint).
+
+    ckpt.pt is tried first; a numbered file with a larger step (a save killed between its two
+    renames) or an unreadable ckpt.pt sends the search down the numbered files, newest first.
+    Raises ValueError naming every file tried if none loads.
+    """
+    out_dir = pathlib.Path(out_dir)
+    problems, newest_step = [], -1
+    main = out_dir / CHECKPOINT_NAME
+    best = None
+    if main.exists():
+        try:
+            best = (main, read_checkpoint(main))
+            newest_step = best[1]["step"]
+        except ValueError as err:
+            problems.append(str(err))
+    for step, path in sorted(numbered_checkpoints(out_dir), reverse=True):
+        if step <= newest_step:
+            break
+        try:
+            best = (path, read_checkpoint(path))
+            break
+        except ValueError as err:
+            problems.append(str(err))
+    if best is None:
+        tried = "; ".join(problems) if problems else f"no {CHECKPOINT_NAME} or ckpt_*.pt there"
+        raise ValueError(f"no loadable checkpoint in {out_dir} ({tried})")
+    for problem in problems:
+        log(f"warning: {problem}; using {best[0]}")
+    return best
 
 
 def save_backbone(model: MambaLM, folder):

@@ -9,11 +9,16 @@ without the arms.
 
 On a pretrained backbone in the state-spaces layout:
     python train.py --backbone path/to/mamba-130m --tokenizer r50k_base --data traces.jsonl
+
+Data-parallel on N GPUs of one machine (each rank holds the frozen backbone; only the trainable
+gradients are all-reduced):
+    torchrun --nproc_per_node=N train.py --backbone state-spaces/mamba-1.4b --data traces.jsonl
 """
 
 import argparse
 import json
 import math
+import os
 import pathlib
 import random
 import signal
@@ -21,6 +26,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import titan
@@ -69,7 +75,14 @@ g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"
                help="storage dtype of the frozen weights (auto: bf16 on GPUs of compute capability >= 8, "
                     "fp16 on older GPUs, float32 on CPU)")
 g.add_argument("--out_dir", default="out", help="folder for checkpoints and the demo backbone")
-g.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir, exactly where it "
+               "stopped (weights, optimizer, step, RNG states, data position)")
+g.add_argument("--keep", type=int, default=1, help="checkpoints to keep: ckpt.pt is the newest; with N > 1 the N newest "
+               "also stay as ckpt_{step}.pt")
+g.add_argument("--stop_step", type=int, default=0, help="save and exit after this step, as an interruption would; the "
+               "learning-rate schedule still runs to --max_steps (0: off)")
+g.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="torch.distributed backend under torchrun "
+               "(default: nccl on GPUs, gloo on CPU)")
 g.add_argument("--dry_run", action="store_true", help="print the memory plan for the backbone and flags, then exit; "
                "downloads nothing")
 g.add_argument("--vram_gb", type=float, default=None, help="memory budget the plan is checked against "
@@ -89,7 +102,7 @@ def fail(message):
 
 
 for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "n_arms", "log_interval", "eval_interval",
-             "max_bad_steps"):
+             "max_bad_steps", "keep"):
     if getattr(args, name) < 1:
         fail(f"--{name} {getattr(args, name)} must be at least 1")
 if not math.isfinite(args.moe_scale) or args.moe_scale < 0:
@@ -97,22 +110,44 @@ if not math.isfinite(args.moe_scale) or args.moe_scale < 0:
 if not 1 <= args.top_k <= args.n_arms:
     fail(f"--top_k {args.top_k} must be between 1 and --n_arms ({args.n_arms})")
 
+if args.stop_step < 0:
+    fail(f"--stop_step {args.stop_step} must be >= 0 (0: off)")
+
+# -----------------------------------------------------------------------------
+# data parallelism: torchrun sets these variables; a plain `python train.py` is a world of one
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+master = rank == 0                   # logs, evaluates and saves
+log = print if master else (lambda *a, **k: None)
+
 torch.manual_seed(args.seed)
 random.seed(args.seed)
 out_dir = pathlib.Path(args.out_dir)
-try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    probe = out_dir / ".write_test"
-    probe.write_bytes(b"")
-    probe.unlink()
-except OSError as err:
-    fail(f"--out_dir {out_dir} is not writable ({err.strerror}); pass a folder you can write to")
+if master:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        fail(f"--out_dir {out_dir} is not writable ({err.strerror}); pass a folder you can write to")
+    if not args.resume and not args.dry_run and ((out_dir / titan.CHECKPOINT_NAME).exists()
+                                                 or titan.numbered_checkpoints(out_dir)):
+        fail(f"--out_dir {out_dir} already holds a checkpoint ({out_dir / titan.CHECKPOINT_NAME}), which a new run "
+             "would overwrite; pass --resume to continue it, or another --out_dir")
 
 # -----------------------------------------------------------------------------
 # device and precision
 if args.device == "auto":
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
 device = torch.device(args.device)
+if device.type == "cuda" and world_size > 1:
+    device = torch.device("cuda", local_rank)    # one GPU per rank
+if world_size > 1 and not args.dry_run:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=args.backend or ("nccl" if device.type == "cuda" else "gloo"))
 if args.dtype == "auto":
     if device.type == "cuda":
         # capability 8.0+ has bf16 in hardware; is_bf16_supported() also counts emulation
@@ -178,7 +213,7 @@ def pretrain_demo_backbone(folder, tok):
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(args.seed)
     seq = 64
-    print(f"pretraining the demo backbone ({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params) "
+    log(f"pretraining the demo backbone ({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params) "
           f"on single-step facts for {args.pretrain_steps} steps")
     t0 = time.time()
     for step in range(1, args.pretrain_steps + 1):
@@ -199,11 +234,15 @@ def pretrain_demo_backbone(folder, tok):
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == args.pretrain_steps:
-            print(f"pretrain {step}: loss {loss.item():.4f}, lr {lr:.2e}, {(time.time() - t0) / step * 1000:.0f}ms/step")
+            log(f"pretrain {step}: loss {loss.item():.4f}, lr {lr:.2e}, {(time.time() - t0) / step * 1000:.0f}ms/step")
     titan.save_backbone(lm.cpu(), folder)
-    print(f"saved the demo backbone to {folder} ({time.time() - t0:.0f}s)")
+    log(f"saved the demo backbone to {folder} ({time.time() - t0:.0f}s)")
 
 
+# under torchrun, the first rank of each machine downloads or pretrains; the others then read its copy
+first_on_node = local_rank == 0
+if world_size > 1 and not first_on_node:
+    dist.barrier()
 demo = args.backbone is None
 if demo:
     backbone_dir = out_dir / "demo_backbone"
@@ -234,6 +273,8 @@ try:
                                 force_vocab=args.force_tokenizer)
 except (ValueError, FileNotFoundError) as err:
     fail(str(err).replace(f"--backbone {backbone_dir}", f"--backbone {args.backbone or backbone_dir}"))
+if world_size > 1 and first_on_node:
+    dist.barrier()
 
 # -----------------------------------------------------------------------------
 # Titan: the arms grafted onto the frozen backbone
@@ -250,14 +291,14 @@ except ValueError as err:
 model = titan.Titan(cfg, lm).to(device)
 trainable = model.trainable_parameters()
 n_frozen = sum(p.numel() for p in model.lm.parameters())
-print(f"Titan: frozen backbone {n_frozen / 1e6:.2f}M params ({args.dtype}), trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M, "
+log(f"Titan: frozen backbone {n_frozen / 1e6:.2f}M params ({args.dtype}), trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M, "
       f"arms at layer {cfg.inject_layer}/{lm.cfg.n_layer}, moe_scale {cfg.moe_scale}")
 
 # -----------------------------------------------------------------------------
 # data: held-out problems first, so that the training stream can skip them
 if args.data:
     try:
-        records = titan.read_jsonl(args.data)
+        records = titan.read_jsonl(args.data, log=log)
     except ValueError as err:
         fail(str(err))
     rng = random.Random(args.seed)
@@ -273,28 +314,63 @@ else:
     train_records = None
 
 
-truncation = {"cut_tokens": 0, "skipped": 0}
+class ExampleStream:
+    """Training examples in a resumable order.
 
+    With a data file, each epoch visits its records in a fresh shuffled order; for the demo,
+    each example is a new problem that is not held out. state_dict() holds the RNG, the
+    epoch's order and the position in it, so a resumed run reads exactly the examples an
+    uninterrupted run would have read. Every rank reads the same stream and takes its own
+    slice of each batch (see the training loop).
+    """
 
-def training_examples(rng):
-    """Yield (ids, mask) forever: shuffled file records, or fresh demo problems not held out."""
-    while True:
-        if train_records is not None:
-            order = list(range(len(train_records)))
-            rng.shuffle(order)
-            for i in order:
-                ex = titan.format_example(tok, train_records[i], args.seq_len, stats=truncation)
-                if ex is None:
-                    truncation["skipped"] += 1
-                    continue
-                yield ex
-            if truncation["skipped"] == len(train_records):
-                fail(f"--seq_len {args.seq_len}: no record fits, because every prompt plus answer is longer; "
-                     "raise --seq_len")
-        else:
-            rec = titan.arithmetic_problem(rng, rng.choice([2, 3, 4]), args.demo_max_value, args.demo_max_operand)
-            if rec["question"] not in held_out:
-                yield titan.format_example(tok, rec, args.seq_len)
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.order, self.pos = [], 0
+        self.stats = {"cut_tokens": 0, "cut_records": 0, "skipped": 0}
+
+    def next_record(self):
+        if train_records is None:
+            while True:
+                rec = titan.arithmetic_problem(self.rng, self.rng.choice([2, 3, 4]), args.demo_max_value,
+                                               args.demo_max_operand)
+                if rec["question"] not in held_out:
+                    return rec
+        if self.pos == len(self.order):
+            self.order = list(range(len(train_records)))
+            self.rng.shuffle(self.order)
+            self.pos = 0
+        self.pos += 1
+        return train_records[self.order[self.pos - 1]]
+
+    def next_example(self):
+        """(ids, mask) of the next record that fits --seq_len; longer reasoning is cut, with a warning."""
+        for _ in range(len(train_records or [None]) + 1):
+            rec = self.next_record()
+            cut_before = self.stats["cut_tokens"]
+            ex = titan.format_example(tok, rec, args.seq_len, stats=self.stats)
+            if ex is None:
+                if self.stats["skipped"] == 0:
+                    log(f"warning: a record's prompt and answer alone are longer than --seq_len {args.seq_len} "
+                        f"(question {rec['question'][:40]!r}); such records are skipped. Raise --seq_len to keep them",
+                        file=sys.stderr)
+                self.stats["skipped"] += 1
+                continue
+            if self.stats["cut_tokens"] > cut_before:
+                if self.stats["cut_records"] == 0:
+                    log(f"warning: a record is longer than --seq_len {args.seq_len} (question {rec['question'][:40]!r}); "
+                        "the end of its reasoning is cut and its answer kept. Raise --seq_len to keep it whole",
+                        file=sys.stderr)
+                self.stats["cut_records"] += 1
+            return ex
+        fail(f"--seq_len {args.seq_len}: no record fits, because every prompt plus answer is longer; raise --seq_len")
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "order": list(self.order), "pos": self.pos, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.order, self.pos, self.stats = list(state["order"]), state["pos"], dict(state["stats"])
 
 
 def held_out_loss(n_batches=4):
@@ -325,29 +401,87 @@ def get_lr(step):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-ckpt_path = out_dir / "ckpt.pt"
+# -----------------------------------------------------------------------------
+# checkpoints: everything a resumed run needs to continue bit for bit
+ckpt_path = out_dir / titan.CHECKPOINT_NAME
 step = 0
-data_rng = random.Random(args.seed + 2)
+stream = ExampleStream(args.seed + 2)
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if device.type == "cuda" and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 if args.resume:
-    try:
-        ckpt = titan.read_checkpoint(ckpt_path)
-        model.load_trainable_state_dict(ckpt["trainable"], source=str(ckpt_path))
-    except ValueError as err:
-        fail(f"--resume: {err}")
+    ckpt = None
+    if master:
+        try:
+            resumed_from, ckpt = titan.latest_checkpoint(out_dir, log=lambda m: print(m, file=sys.stderr))
+            model.load_trainable_state_dict(ckpt["trainable"], source=str(resumed_from))
+        except ValueError as err:
+            fail(f"--resume: {err}")
+    if world_size > 1:              # the other ranks may sit on machines without the file
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+        model.load_trainable_state_dict(ckpt["trainable"])
     optimizer.load_state_dict(ckpt["optimizer"])
     step = ckpt["step"]
-    data_rng.setstate(ckpt["data_rng"])
-    print(f"resumed from {ckpt_path} at step {step}")
+    if all(k in ckpt for k in ("scaler", "data", "rng")):
+        scaler.load_state_dict(ckpt["scaler"])
+        stream.load_state_dict(ckpt["data"])
+        set_rng_states(ckpt["rng"])
+    else:
+        log("warning: this checkpoint comes from an older train.py without RNG and data-position state; the "
+            "resumed run continues with fresh data, so it will not match an uninterrupted one exactly", file=sys.stderr)
+    log(f"resumed from {resumed_from if master else ckpt_path} at step {step}")
+elif world_size > 1:
+    for p in trainable:             # the same seed gave every rank the same arms; make sure of it
+        dist.broadcast(p.data, src=0)
+saved_step = step if args.resume else None
 
 
 def save_checkpoint():
+    """Rank 0 writes the checkpoint; a failed write (full disk) warns and keeps the previous one."""
+    global saved_step
+    if not master:
+        return
     ckpt = {"format": titan.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "trainable": model.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "data_rng": data_rng.getstate(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "data": stream.state_dict(), "rng": rng_states(),
             "backbone": {"source": str(source), "demo": demo}, "tokenizer": tok_name, "args": vars(args)}
     try:
-        titan.atomic_save(ckpt, ckpt_path)
+        titan.save_checkpoint(ckpt, out_dir, keep=args.keep)
+        saved_step = step
     except OSError as err:
-        print(f"warning: saving {ckpt_path} failed ({err.strerror}); the previous checkpoint is kept", file=sys.stderr)
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint is saved yet"
+        print(f"warning: saving {ckpt_path} at step {step} failed ({err.strerror or err}); {kept}. Free space in "
+              f"--out_dir {out_dir}; the run carries on", file=sys.stderr)
+
+
+metrics_path = out_dir / "log.jsonl"
+
+
+def log_metrics(**record):
+    """Append one JSON line to out_dir/log.jsonl (exact floats, for plots and resume checks)."""
+    global metrics_path
+    if not master or metrics_path is None:
+        return
+    try:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        print(f"warning: writing {metrics_path} failed ({err.strerror}); metrics are no longer logged to it",
+              file=sys.stderr)
+        metrics_path = None
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +493,7 @@ def request_stop(signum, frame):
     global stop_signal
     stop_signal = signal.Signals(signum).name
     signal.signal(signum, signal.SIG_DFL)
-    print(f"\n{stop_signal} received: saving after this step (send it again to quit without saving)", flush=True)
+    log(f"\n{stop_signal} received: saving after this step (send it again to quit without saving)", flush=True)
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -372,42 +506,68 @@ def nonfinite_gradients():
                    if p.grad is not None and not torch.isfinite(p.grad).all()})
 
 
+def all_reduce_step(stats):
+    """Average the trainable gradients over the ranks, in one flat all-reduce, and sum `stats`.
+
+    The frozen backbone has no gradients, so this is the whole of data parallelism here:
+    DistributedDataParallel would also broadcast and check the frozen weights, which this
+    design never needs to send. It runs once per optimizer step, after the last micro-step.
+    """
+    grads = [p.grad for p in trainable if p.grad is not None]
+    flat = torch.cat([g.flatten().float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    dist.all_reduce(stats)
+
+
 # -----------------------------------------------------------------------------
-# training loop
-examples = training_examples(data_rng)
-bad_in_row = 0
+# training loop. Each optimizer step reads grad_accum global batches of batch_size x world_size
+# examples, and rank r trains on rows [r * batch_size, (r + 1) * batch_size) of each.
 model.train()
+bad_in_row = 0
 t_last, tokens_since = time.time(), 0
-print(f"SFT for {args.max_steps} steps, batch {args.batch_size} x {args.grad_accum}, lr {args.lr}")
+log(f"SFT for {args.max_steps} steps, batch {args.batch_size} x {args.grad_accum}"
+    + (f" x {world_size} ranks" if world_size > 1 else "") + f", lr {args.lr}")
 while step < args.max_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, aux_sum, usage = 0.0, 0.0, torch.zeros(cfg.n_arms)
-    for micro in range(args.grad_accum):
-        x, y = titan.make_batch([next(examples) for _ in range(args.batch_size)], tok.eot_id)
+    batches = [[stream.next_example() for _ in range(args.batch_size * world_size)] for _ in range(args.grad_accum)]
+    n_targets = sum(sum(mask[1:]) for batch in batches for _, mask in batch)
+    ce_sum, aux_sum, usage = 0.0, 0.0, torch.zeros(cfg.n_arms)
+    for batch in batches:
+        x, y = titan.make_batch(batch[rank * args.batch_size:(rank + 1) * args.batch_size], tok.eot_id)
         x, y = x.to(device), y.to(device)
         probe = {}
         with autocast:
             logits, aux, _ = model(x, probe=probe)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
-            total = (loss + cfg.load_balance_coef * aux) / args.grad_accum
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+            # the mean over every target token of the step, on any rank and in any micro-step
+            total = ce * (world_size / n_targets) + cfg.load_balance_coef * aux / args.grad_accum
             if args.inject_nan_step and step + 1 >= args.inject_nan_step:
                 total = total * float("nan")
-                loss = loss * float("nan")
+                ce = ce * float("nan")
         scaler.scale(total).backward()
-        loss_sum += loss.item() / args.grad_accum
+        ce_sum += ce.item()
         aux_sum += aux.item() / args.grad_accum
         usage += (probe["gates"] > 0).float().flatten(0, 1).mean(0).cpu() / args.grad_accum
-        tokens_since += x.numel()
+        tokens_since += x.numel() * world_size
+    stats = torch.tensor([ce_sum, aux_sum, float(stop_signal is not None)], dtype=torch.float64)
+    if world_size > 1:
+        all_reduce_step(stats)
+    loss_value, aux_value, stop_requested = stats[0].item() / n_targets, stats[1].item() / world_size, stats[2] > 0
     # a non-finite loss or gradient skips the update; fp16's GradScaler skips its own overflows
-    bad = f"loss {loss_sum}" if not math.isfinite(loss_sum) else None
+    bad = f"loss {loss_value}" if not math.isfinite(loss_value) else None
     if bad is None and not scaler.is_enabled() and nonfinite_gradients():
         bad = "gradient in " + ", ".join(nonfinite_gradients())
     if bad is not None:
         optimizer.zero_grad(set_to_none=True)
         bad_in_row += 1
-        print(f"step {step + 1}: non-finite {bad}; step skipped ({bad_in_row} in a row)", file=sys.stderr)
+        log(f"step {step + 1}: non-finite {bad}; step skipped ({bad_in_row} in a row)", file=sys.stderr)
         if bad_in_row >= args.max_bad_steps:
             fail(f"{bad_in_row} non-finite steps in a row, the last at step {step + 1}; stopped, and the last good "
                  f"checkpoint {ckpt_path} is kept. Lower --lr or check the data")
@@ -425,21 +585,35 @@ while step < args.max_steps:
         dt = time.time() - t_last
         n_logged = args.log_interval if step % args.log_interval == 0 else step % args.log_interval
         arms = " ".join(f"{u / cfg.top_k:.2f}" for u in usage.tolist())
-        print(f"step {step}: loss {loss_sum:.4f}, aux {aux_sum:.3f}, lr {lr:.2e}, "
-              f"{dt / n_logged * 1000:.0f}ms/step, {tokens_since / dt:.0f} tok/s, arms [{arms}]")
+        log(f"step {step}: loss {loss_value:.4f}, aux {aux_value:.3f}, lr {lr:.2e}, "
+            f"{dt / n_logged * 1000:.0f}ms/step, {tokens_since / dt:.0f} tok/s, arms [{arms}]")
+        log_metrics(step=step, loss=loss_value, aux=aux_value, lr=lr, ms_per_step=dt / n_logged * 1000)
         t_last, tokens_since = time.time(), 0
-    if step % args.eval_interval == 0 or step == args.max_steps:
-        cut = (f", {truncation['cut_tokens']} reasoning tokens cut and {truncation['skipped']} records skipped "
-               f"to fit --seq_len {args.seq_len}" if truncation["cut_tokens"] or truncation["skipped"] else "")
-        print(f"step {step}: held-out loss {held_out_loss():.4f}{cut}")
+    stopping = stop_requested or step == args.stop_step
+    if step % args.eval_interval == 0 or step == args.max_steps or stopping:
+        if master:
+            s = stream.stats
+            cut = (f", {s['cut_records']} records cut by {s['cut_tokens']} reasoning tokens and {s['skipped']} "
+                   f"skipped to fit --seq_len {args.seq_len}" if s["cut_records"] or s["skipped"] else "")
+            heldout = held_out_loss()
+            log(f"step {step}: held-out loss {heldout:.4f}{cut}")
+            log_metrics(step=step, held_out_loss=heldout)
         save_checkpoint()
-    if stop_signal:
-        save_checkpoint()
-        print(f"saved {ckpt_path} at step {step}; continue with --resume")
+    if stopping:
+        if world_size > 1:
+            dist.destroy_process_group()
+        if master and saved_step != step:
+            fail(f"stopped at step {step}, but its save failed: {ckpt_path} holds step {saved_step}; free space in "
+                 f"--out_dir {out_dir}")
+        log(f"{stop_signal or '--stop_step'}: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(0)
 
 # -----------------------------------------------------------------------------
-# held-out accuracy with the arms switched off (the backbone alone) and on
+# held-out accuracy with the arms switched off (the backbone alone) and on, on rank 0
+if world_size > 1:
+    dist.destroy_process_group()
+if not master:
+    sys.exit(0)
 model.eval()
 with autocast:
     for label, scale in (("backbone alone (moe_scale 0)", 0.0), (f"Titan (moe_scale {cfg.moe_scale})", None)):
@@ -447,4 +621,8 @@ with autocast:
         acc, results = titan.evaluate(model, tok, eval_records, max_new_tokens=min(args.seq_len, 96), moe_scale=scale)
         print(f"held-out accuracy, {label}: {acc:.1%} on {len(eval_records)} problems ({time.time() - t0:.0f}s)")
 print(f"example: {eval_records[0]['question']} -> {results[0][1]!r}")
-print(f"checkpoint: {ckpt_path}")
+if saved_step == step:
+    print(f"checkpoint: {ckpt_path}")
+else:
+    fail(f"the final save failed: {ckpt_path} holds step {saved_step}, not {step}; free space in --out_dir {out_dir} "
+         "and rerun the last steps with --resume")
