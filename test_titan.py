@@ -364,6 +364,13 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, content):
         titan.read_checkpoint(path)
 
 
+def test_checkpoint_from_other_backbone_names_fields(tmp_path):
+    path = make_checkpoint(tmp_path, tiny_titan())
+    titan.save_backbone(tiny_backbone(d_state=4), tmp_path / "bb")
+    with pytest.raises(ValueError, match=r"different backbone .*d_state \(checkpoint 8, backbone 4\)"):
+        titan.load_titan(path)
+
+
 def test_checkpoint_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
         titan.read_checkpoint(tmp_path)
@@ -1791,3 +1798,40 @@ def test_sample_prompt_budget(tmp_path, tiny_run):
     result = run(["sample.py", "--ckpt", str(out / "ckpt.pt"), "--prompt", "1+2", "--max_new_tokens", "100"])
     assert result.returncode == 0, result.stderr
     assert "--max_new_tokens lowered to 43" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--inject_layer", "0"], "--inject_layer 0 is outside [1, 1]"),
+    (["--inject_layer", "2"], "--inject_layer 2 is outside [1, 1]"),
+    (["--moe_scale", "-1"], "--moe_scale -1.0 must be a finite number >= 0"),
+])
+def test_train_flag_out_of_range(tmp_path, tiny_run, flags, message):
+    result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "out"), *flags])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_out_dir(tmp_path, tiny_run):
+    (tmp_path / "file").write_text("")
+    result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "file" / "out")])
+    assert result.returncode == 2, result.stderr
+    assert "is not writable" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_with_other_config_names_fields(tmp_path, tiny_run):
+    out = tmp_path / "out"
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "1"])
+    assert result.returncode == 0, result.stderr
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "2", "--resume", "--d_bridge", "8",
+                  "--top_k", "3"])
+    assert result.returncode == 2, result.stderr
+    assert "d_bridge (checkpoint 16, now 8), top_k (checkpoint 2, now 3)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sample_rejects_empty_prompt(tmp_path):
+    result = run(["sample.py", "--ckpt", str(tmp_path / "none.pt"), "--prompt", ""])
+    assert result.returncode == 2, result.stderr
+    assert "--prompt is empty" in result.stderr, result.stderr

@@ -284,6 +284,9 @@ cfg = titan.TitanConfig(
     d_blackboard=args.d_blackboard or (16 if demo else 64), moe_scale=args.moe_scale,
     arm_d_state=args.arm_d_state or (8 if demo else 16),
     blackboard=not args.no_blackboard, load_balance_coef=args.load_balance_coef)
+if args.inject_layer is not None and args.inject_layer < 1:     # 0 would silently mean the default
+    fail(f"--inject_layer {args.inject_layer} is outside [1, {lm.cfg.n_layer - 1}]; pass a layer in that range, or "
+         f"leave it out for n_layer // 2 = {lm.cfg.n_layer // 2}")
 try:
     cfg.validate()
 except ValueError as err:
@@ -420,14 +423,30 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def config_differences(saved, current, prefix=""):
+    """'name (checkpoint X, now Y)' for every config field that differs, backbone fields included."""
+    differ = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += config_differences(a, b, prefix=f"{prefix}{key}.")
+        elif a != b:
+            differ.append(f"{prefix}{key} (checkpoint {a}, now {b})")
+    return differ
+
+
 if args.resume:
     ckpt = None
     if master:
         try:
             resumed_from, ckpt = titan.latest_checkpoint(out_dir, log=lambda m: print(m, file=sys.stderr))
-            model.load_trainable_state_dict(ckpt["trainable"], source=str(resumed_from))
         except ValueError as err:
             fail(f"--resume: {err}")
+        differ = config_differences(ckpt["config"], cfg.to_dict())
+        if differ:
+            fail(f"--resume: {resumed_from} was trained with another config: {', '.join(differ)}; pass the flags "
+                 "it was trained with, or another --out_dir for a new run")
+        model.load_trainable_state_dict(ckpt["trainable"], source=str(resumed_from))
     if world_size > 1:              # the other ranks may sit on machines without the file
         box = [ckpt]
         dist.broadcast_object_list(box, src=0)
