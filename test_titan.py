@@ -208,6 +208,25 @@ def test_titan_logits_cover_real_ids_only():
     assert logits.shape[-1] == 256 + 3 == model.vocab_size
 
 
+def test_chunked_cross_entropy_matches_full():
+    model = tiny_titan()
+    for p in model.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    params = model.trainable_parameters()
+    ids = torch.randint(0, model.vocab_size, (2, 11))
+    targets = torch.randint(0, model.vocab_size, (2, 11))
+    targets[0, :4] = -100
+    logits, _, _ = model(ids)
+    full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    expected = torch.autograd.grad(full, params)
+    model.ce_chunk = 3                  # 22 positions: 7 full chunks and a last one of 1
+    chunked, _, _ = model(ids, targets=targets)
+    got = torch.autograd.grad(chunked, params)
+    assert torch.allclose(chunked, full, rtol=1e-5)
+    for g_full, g_chunk in zip(expected, got):
+        assert torch.allclose(g_full, g_chunk, rtol=1e-4, atol=1e-6)
+
+
 def test_nonzero_up_projection_changes_logits():
     model = tiny_titan().eval()
     torch.nn.init.normal_(model.arms.up.weight, std=0.2)

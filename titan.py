@@ -163,15 +163,19 @@ def selective_scan_ref(u, delta, A, B, C, h0=None):
 
 def _discretize(u, delta, A, B):
     """Return exp(ΔA) and ΔB·u for one chunk, time-major: (t, b, e, n) each."""
-    dA = torch.exp(delta.transpose(0, 1)[..., None] * A)                      # (t, b, e, n)
-    dBu = (delta * u).transpose(0, 1)[..., None] * B.transpose(0, 1)[:, :, None, :]
+    delta_t = delta.transpose(0, 1).contiguous()                              # (t, b, e)
+    dA = (delta_t[..., None] * A).exp_()                                      # (t, b, e, n)
+    dBu = (delta_t * u.transpose(0, 1))[..., None] * B.transpose(0, 1)[:, :, None, :].contiguous()
     return dA, dBu
 
 
-def _scan_chunk(dA, dBu, h, out):
-    """Fill out[t] with the state after step t of one chunk, starting from h (b, e, n)."""
+def _scan_chunk(dA, dBu, h):
+    """Run one chunk from state h (b, e, n), overwriting dBu[t] with the state after step t.
+
+    Each ΔB·u term is read once, at its own step, so its buffer can hold the states.
+    """
     for t in range(dA.shape[0]):
-        h = torch.addcmul(dBu[t], dA[t], h, out=out[t])
+        h = torch.addcmul(dBu[t], dA[t], h, out=dBu[t])
     return h
 
 
@@ -197,11 +201,10 @@ class _ChunkedScan(torch.autograd.Function):
             h = h0
             for s in range(0, l, chunk):
                 starts.append(h)
-                dA, dBu = _discretize(u[:, s:s + chunk], delta[:, s:s + chunk], A, B[:, s:s + chunk])
-                hs = torch.empty_like(dA)
-                h = _scan_chunk(dA, dBu, h, hs).clone()
-                # y_t = C_t · h_t as a batched matrix-vector product over the chunk
-                y[:, s:s + chunk] = (hs @ C[:, s:s + chunk].transpose(0, 1)[..., None]).squeeze(-1).transpose(0, 1)
+                dA, hs = _discretize(u[:, s:s + chunk], delta[:, s:s + chunk], A, B[:, s:s + chunk])
+                h = _scan_chunk(dA, hs, h).clone()
+                # y_t = C_t · h_t
+                y[:, s:s + chunk] = (hs * C[:, s:s + chunk].transpose(0, 1)[:, :, None, :]).sum(-1).transpose(0, 1)
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.chunk, ctx.in_dtypes = chunk, in_dtypes
         return y, h
@@ -211,10 +214,11 @@ class _ChunkedScan(torch.autograd.Function):
         u, delta, A, B, C, *starts = ctx.saved_tensors
         chunk = ctx.chunk
         b, l, e = u.shape
+        n = A.shape[1]
         with torch.autocast(u.device.type, enabled=False):
             dy = dy.to(u.dtype)
             # g carries dL/dh_t backwards in time; past the last step only h_last's gradient flows
-            g = dh_last.to(u.dtype) if dh_last is not None else u.new_zeros(b, e, A.shape[1])
+            g = dh_last.to(u.dtype) if dh_last is not None else u.new_zeros(b, e, n)
             du, ddelta = torch.empty_like(u), torch.empty_like(delta)
             dB, dC = torch.empty_like(B), torch.empty_like(C)
             dA_param = torch.zeros_like(A)
@@ -222,12 +226,12 @@ class _ChunkedScan(torch.autograd.Function):
             for i in reversed(range(len(starts))):
                 sl = slice(i * chunk, (i + 1) * chunk)
                 u_c, delta_c, B_c, C_c = u[:, sl], delta[:, sl], B[:, sl], C[:, sl]
-                dA, dBu = _discretize(u_c, delta_c, A, B_c)
-                hs = torch.empty_like(dA)
-                _scan_chunk(dA, dBu, starts[i], hs)                           # recompute states
+                dA, hs = _discretize(u_c, delta_c, A, B_c)
+                _scan_chunk(dA, hs, starts[i])                                # recompute the states
                 # time-major copies of the small per-step tensors
                 dy_t, B_t, C_t = (t.transpose(0, 1).contiguous() for t in (dy[:, sl], B_c, C_c))
-                delta_t, deltau_t = delta_c.transpose(0, 1), (delta_c * u_c).transpose(0, 1)
+                delta_t = delta_c.transpose(0, 1).contiguous()                   # (t, b, e)
+                deltau_t = delta_t * u_c.transpose(0, 1)
 
                 # dL/dh_t = C_t dy_t + exp(Δ_{t+1} A) dL/dh_{t+1}
                 gs = dy_t[..., None] * C_t[:, :, None, :]                       # (t, b, e, n)
@@ -241,13 +245,13 @@ class _ChunkedScan(torch.autograd.Function):
                 g_dA[1:] *= hs[:-1]
                 g_dA[0] *= starts[i]
 
-                # reductions over e or n as batched matrix products, which need no temporary
-                gB = (gs @ B_t[..., None]).squeeze(-1)                            # (t, b, e)
+                # reductions over n, e or time; each makes one chunk-sized temporary at most
+                gB = (gs * B_t[:, :, None, :]).sum(-1)                            # (t, b, e)
                 ddelta[:, sl] = ((g_dA * A).sum(-1) + gB * u_c.transpose(0, 1)).transpose(0, 1)
                 du[:, sl] = (gB * delta_t).transpose(0, 1)
                 dA_param += (g_dA * delta_t[..., None]).sum((0, 1))
-                dB[:, sl] = (deltau_t[:, :, None, :] @ gs).squeeze(2).transpose(0, 1)    # (b, t, n)
-                dC[:, sl] = (dy_t[:, :, None, :] @ hs).squeeze(2).transpose(0, 1)
+                dB[:, sl] = (gs * deltau_t[..., None]).sum(2).transpose(0, 1)     # (b, t, n)
+                dC[:, sl] = (hs * dy_t[..., None]).sum(2).transpose(0, 1)
 
         grads = (du, ddelta, dA_param, dB, dC, g)
         return (*(gr.to(dt) for gr, dt in zip(grads, ctx.in_dtypes)), None)
@@ -264,7 +268,7 @@ def selective_scan(u, delta, A, B, C, h0=None, chunk=None):
     if u.shape[1] == 1 and not torch.is_grad_enabled():
         return selective_scan_ref(u, delta, A, B, C, h0)
     if chunk is None:
-        chunk = max(8, min(64, (1 << 20) // (u.shape[0] * u.shape[2] * A.shape[1])))
+        chunk = max(4, min(64, (1 << 19) // (u.shape[0] * u.shape[2] * A.shape[1])))
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.promote_types(u.dtype, torch.float32))
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk)
@@ -555,10 +559,19 @@ class Titan(nn.Module):
         self.lm = backbone
         for p in self.lm.parameters():
             p.requires_grad_(False)
+        # Frozen matrices that widen (in_proj, dt_proj, and the embedding as the head) keep their
+        # shapes but are stored transposed (column-major), so F.linear multiplies by a row-major
+        # (in, out) matrix. For one token, MKL's matrix-vector product on this CPU ran that
+        # layout 1.3x (in_proj) to 1.9x (head) faster; narrowing matrices ran slower, so they
+        # stay as they are. Whole sequences run at the same speed either way.
+        for m in self.lm.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[0] > m.weight.shape[1]:
+                m.weight.data = m.weight.data.t().contiguous().t()
         self.arms = MixtureOfArms(cfg)
         self.moe_scale = cfg.moe_scale
         self.use_blackboard = cfg.blackboard
         self.checkpointing = True       # activation checkpointing above the injection layer
+        self.ce_chunk = None            # positions per head chunk in cross_entropy_sum (None: auto)
 
         # the new rows start at the mean backbone embedding plus a little noise: a typical
         # direction, so they neither dominate nor vanish in the head at the start
@@ -588,10 +601,34 @@ class Titan(nn.Module):
         frozen = F.linear(h, self.lm.embedding.weight[:self.cfg.backbone.vocab_size])
         return torch.cat([frozen, F.linear(h, self.special.to(frozen.dtype))], dim=-1)
 
-    def forward(self, ids, cache=None, moe_scale=None, use_blackboard=None, probe=None):
+    def cross_entropy_sum(self, x, targets):
+        """Summed cross-entropy of the head on final hidden states x (b, l, d) against targets
+        (b, l), where -100 marks positions without a target.
+
+        The head runs on chunks of positions, each checkpointed, so the (b, l, v) logits never
+        exist at once: training holds one chunk's logits, their float32 copy and gradient,
+        about 2^24 logits (64 MB) each by default.
+        """
+        x, targets = x.flatten(0, 1), targets.flatten()
+        chunk = self.ce_chunk or max(1, (1 << 24) // self.vocab_size)
+
+        def part(h, t):
+            return F.cross_entropy(self.head(h).float(), t, ignore_index=-100, reduction="sum")
+        total = 0.0
+        for s in range(0, len(x), chunk):
+            if torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(part, x[s:s + chunk], targets[s:s + chunk],
+                                                                  use_reentrant=False)
+            else:
+                total = total + part(x[s:s + chunk], targets[s:s + chunk])
+        return total
+
+    def forward(self, ids, cache=None, moe_scale=None, use_blackboard=None, probe=None, targets=None):
         """ids: (b, l). cache: None or the state returned by an earlier call.
 
         Returns logits (b, l, v), the router's load-balance loss, and the new cache.
+        With targets (b, l), the first result is instead the summed cross-entropy from
+        cross_entropy_sum, which never builds the whole logits tensor.
         With a dict as `probe`, also records the residual norm after every layer and the
         arms' internals, for inspection.
         """
@@ -640,6 +677,8 @@ class Titan(nn.Module):
 
         if probe is not None:
             probe["final_hidden"] = x.detach()
+        if targets is not None:
+            return self.cross_entropy_sum(x, targets), aux, new_cache
         return self.head(x), aux, new_cache
 
     def trainable_parameters(self):
@@ -1948,7 +1987,7 @@ def sft_memory_plan(cfg: TitanConfig, batch_size, seq_len, frozen_dtype=torch.bf
     The parameter counts are exact, because the model is built on the meta device. The
     activation terms count the tensors that autograd keeps alive at the peak, in the backward
     pass of the first checkpointed layer. They are the arms' saved tensors, the residual stream
-    saved at every checkpointed layer, one recomputed layer, and the logits with their gradient.
+    saved at every checkpointed layer, one recomputed layer, and one chunk of logits with their gradient.
     NOTE: the activation terms are an estimate calibrated by bench.py --memory on a CPU;
     allocator caching on a GPU adds to them.
     """
@@ -1974,6 +2013,7 @@ def sft_memory_plan(cfg: TitanConfig, batch_size, seq_len, frozen_dtype=torch.bf
     residual = tokens * bb.d_model * 4 * (upper + 2)
     recompute = mamba_activations(bb.d_model, bb.d_inner, bb.d_state, fb)
     vocab = model.vocab_size
-    logits = tokens * vocab * (fb + 3 * 4) + vocab * bb.d_model * fb    # logits, float32 copy, log-softmax, grad; head
+    # one chunk of cross_entropy_sum: logits, their float32 copy, log-softmax and gradient
+    logits = min(tokens, (1 << 24) // vocab) * vocab * (fb + 3 * 4)
     return {"frozen weights": frozen, "trainable weights": n_train * 4, "gradients": n_train * 4,
             "optimizer state": n_train * 8, "activations": arms + residual + recompute + logits}

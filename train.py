@@ -563,8 +563,7 @@ while step < args.max_steps:
         x, y = x.to(device), y.to(device)
         probe = {}
         with autocast:
-            logits, aux, _ = model(x, probe=probe)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+            ce, aux, _ = model(x, probe=probe, targets=y)
             # the mean over every target token of the step, on any rank and in any micro-step
             total = ce * (world_size / n_targets) + cfg.load_balance_coef * aux / args.grad_accum
             if args.inject_nan_step and step + 1 >= args.inject_nan_step:
