@@ -796,8 +796,9 @@ def numbered_checkpoints(out_dir):
 def latest_checkpoint(out_dir, log=print):
     """Load the newest readable checkpoint in out_dir. Returns (path, checkpoint).
 
-    ckpt.pt is tried first; a numbered file with a larger step (a save killed between its two
-    renames) or an unreadable ckpt.pt sends the search down the numbered files, newest first.
+    ckpt.pt is tried first. A numbered file with a larger step wins over it: a save killed
+    between its two renames leaves one. If ckpt.pt does not read, the numbered files are tried,
+    newest first.
     Raises ValueError naming every file tried if none loads.
     """
     out_dir = pathlib.Path(out_dir)
