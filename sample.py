@@ -52,6 +52,10 @@ if not 0 < args.top_p <= 1:
     fail(f"--top_p {args.top_p} must be in (0, 1]")
 if args.moe_scale is not None and not (args.moe_scale >= 0 and args.moe_scale != float("inf")):
     fail(f"--moe_scale {args.moe_scale} must be a finite number >= 0")
+if args.top_k < 0:
+    fail(f"--top_k {args.top_k} must be >= 0 (0: all tokens)")
+if args.guard_repeats < 2:
+    fail(f"--guard_repeats {args.guard_repeats} must be at least 2 (one occurrence is not a loop)")
 if args.repetition_penalty <= 0:
     fail(f"--repetition_penalty {args.repetition_penalty} must be > 0")
 
@@ -71,7 +75,7 @@ if len(prompt) >= budget:
 if len(prompt) + args.max_new_tokens > budget:
     args.max_new_tokens = budget - len(prompt)
     print(f"note: --max_new_tokens lowered to {args.max_new_tokens} to stay within the budget of {budget} tokens "
-          "(--max_len)", file=sys.stderr)
+          f"({'--max_len' if args.max_len else 'the training --seq_len; --max_len raises it'})", file=sys.stderr)
 print(args.prompt if args.raw else titan.PROMPT_TEMPLATE.format(question=args.prompt), end="", flush=True)
 
 generator = torch.Generator(device=args.device).manual_seed(args.seed)

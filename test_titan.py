@@ -505,6 +505,22 @@ def test_read_jsonl_skips_bad_lines(tmp_path):
         assert lineno in messages[0], (lineno, messages)
 
 
+@pytest.mark.parametrize("line", [
+    b'{"question": null, "answer": null}',
+    b'{"question": 3, "answer": NaN}',
+    b'{"question": "", "reasoning": "", "answer": ""}',
+    b'{"messages": [{"role": "user"}, {"role": "assistant"}]}',
+    b"[" * 100000 + b"]" * 100000,
+])
+def test_read_jsonl_skips_unusable_record(tmp_path, line):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "a"}\n' * 3 + line + b"\n")
+    messages = []
+    records = titan.read_jsonl(path, log=messages.append)
+    assert len(records) == 3
+    assert "skipped 1 of 4 lines: line 4" in messages[0], messages
+
+
 @pytest.mark.parametrize("content,match", [(b"", "no valid record"), (b"[1]\n{}\n", "no valid record"),
                                            (b'{"q": 1}\n' * 3 + b'{"question": "a", "answer": "b"}\n', "invalid")])
 def test_read_jsonl_errors(tmp_path, content, match):
@@ -602,12 +618,29 @@ def test_train_sample_inspect_smoke(tmp_path):
 
 
 def test_train_rejects_bad_flags(tmp_path):
-    for flags, message in ((["--top_k", "9"], "--top_k 9"), (["--moe_scale", "nan"], "--moe_scale nan"),
-                           (["--seq_len", "0"], "--seq_len 0")):
-        result = run(["train.py", "--out_dir", str(tmp_path), *flags])
+    cases = [(["--top_k", "9"], "--top_k 9"), (["--moe_scale", "nan"], "--moe_scale nan"),
+             (["--seq_len", "0"], "--seq_len 0"), (["--eval_problems", "0"], "--eval_problems 0 must be at least 1"),
+             (["--d_blackboard", "0"], "--d_blackboard 0 must be at least 1"),
+             (["--lr", "-1"], "--lr -1.0 must be a finite number > 0"), (["--lr", "nan"], "--lr nan"),
+             (["--weight_decay", "-0.5"], "--weight_decay -0.5 must be"), (["--warmup_steps", "-3"], "--warmup_steps -3"),
+             (["--grad_clip", "-1"], "--grad_clip -1.0"), (["--stop_step", "2000"], "--stop_step 2000 is after"),
+             (["--device", "foo"], "--device foo is not a device"), (["--out_dir", ""], "--out_dir is empty")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU; pass --device cpu"))
+    for flags, message in cases:
+        out = [] if "--out_dir" in flags else ["--out_dir", str(tmp_path)]
+        result = run(["train.py", *out, *flags])
         assert result.returncode == 2, (flags, result.stderr)
         assert message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--top_k", "-3"], "--top_k -3 must be >= 0"),
+                                            (["--guard_repeats", "0"], "--guard_repeats 0 must be at least 2")])
+def test_sample_rejects_bad_flags(tmp_path, flags, message):
+    result = run(["sample.py", "--ckpt", str(tmp_path / "none.pt"), *flags])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_sample_rejects_missing_checkpoint(tmp_path):
@@ -1613,6 +1646,15 @@ def test_resume_is_bit_identical(tmp_path, tiny_run):
         assert torch.equal(tensor, b["trainable"][name]), name
 
 
+def test_stop_step_before_resumed_step(tmp_path, tiny_run):
+    out = tmp_path / "out"
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "4", "--stop_step", "2"])
+    assert result.returncode == 0, result.stderr
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "4", "--stop_step", "2", "--resume"])
+    assert result.returncode == 2, result.stderr
+    assert "--stop_step 2 is not after the resumed step 2" in result.stderr, result.stderr
+
+
 def test_fresh_run_refuses_checkpoint(tmp_path, tiny_run):
     result = run(["train.py", *tiny_run, "--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
     assert result.returncode == 0, result.stderr
@@ -1634,6 +1676,16 @@ def test_keep_n_keeps_the_newest(tmp_path, tiny_run):
                                                          "ckpt_0000005.pt"]
     assert titan.read_checkpoint(out / "ckpt_0000003.pt")["step"] == 3
     assert (out / "ckpt.pt").read_bytes() == (out / "ckpt_0000005.pt").read_bytes()
+
+    # a resume without --keep keeps the run's 3; a finished run resumed from a numbered file names it
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "6", "--eval_interval", "1", "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000004.pt", "ckpt_0000005.pt", "ckpt_0000006.pt"]
+    (out / "ckpt.pt").unlink()
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "6", "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert "the run is already complete" in result.stdout, result.stdout
+    assert f"checkpoint: {out / 'ckpt_0000006.pt'}" in result.stdout, result.stdout
 
 
 def fake_checkpoint(step, size=4):
@@ -1848,6 +1900,9 @@ def test_resume_with_other_config_names_fields(tmp_path, tiny_run):
     assert result.returncode == 2, result.stderr
     assert "d_bridge (checkpoint 16, now 8), top_k (checkpoint 2, now 3)" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    result = run(["train.py", *tiny_run, "--out_dir", str(out), "--max_steps", "2", "--resume", "--batch_size", "2"])
+    assert result.returncode == 2, result.stderr
+    assert "other data settings: --batch_size (checkpoint 4, now 2)" in result.stderr, result.stderr
 
 
 def test_sample_rejects_empty_prompt(tmp_path):

@@ -562,8 +562,8 @@ class Titan(nn.Module):
         # Frozen matrices that widen (in_proj, dt_proj, and the embedding as the head) keep their
         # shapes but are stored transposed (column-major), so F.linear multiplies by a row-major
         # (in, out) matrix. For one token, MKL's matrix-vector product on this CPU ran that
-        # layout 1.3x (in_proj) to 1.9x (head) faster; narrowing matrices ran slower, so they
-        # stay as they are. Whole sequences run at the same speed either way.
+        # layout 1.3x (in_proj) to 1.9x (head) faster. Narrowing matrices ran slower that way,
+        # so they keep their layout. Whole sequences run at the same speed either way.
         for m in self.lm.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[0] > m.weight.shape[1]:
                 m.weight.data = m.weight.data.t().contiguous().t()
@@ -606,7 +606,7 @@ class Titan(nn.Module):
         (b, l), where -100 marks positions without a target.
 
         The head runs on chunks of positions, each checkpointed, so the (b, l, v) logits never
-        exist at once: training holds one chunk's logits, their float32 copy and gradient,
+        exist at once. Training keeps one chunk's logits, their float32 copy and gradient alive,
         about 2^24 logits (64 MB) each by default.
         """
         x, targets = x.flatten(0, 1), targets.flatten()
@@ -1734,13 +1734,22 @@ def parse_record(obj):
         bot = [m.get("content", "") for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
         if not user or not bot:
             return None
-        return split_thinking(user[0], bot[-1])
+        return _nonempty(split_thinking(user[0], bot[-1]))
     if "prompt" in obj and "response" in obj:
-        return split_thinking(obj["prompt"], obj["response"])
+        return _nonempty(split_thinking(obj["prompt"], obj["response"]))
     if "question" in obj and "answer" in obj:
-        return {"question": str(obj["question"]), "reasoning": str(obj.get("reasoning", "")),
-                "answer": str(obj["answer"])}
+        if not all(isinstance(obj.get(k, ""), str) for k in ("question", "reasoning", "answer")):
+            return None                 # null, numbers or lists would train as their Python spelling
+        return _nonempty({"question": obj["question"], "reasoning": obj.get("reasoning", ""),
+                          "answer": obj["answer"]})
     return None
+
+
+def _nonempty(rec):
+    """rec, or None if its question or answer is blank (nothing to condition on or to learn)."""
+    if rec is None or not rec["question"].strip() or not rec["answer"].strip():
+        return None
+    return rec
 
 
 def split_thinking(question, response):
@@ -1786,7 +1795,11 @@ def read_jsonl(path, max_bad_fraction=0.5, log=print):
                 obj = json.loads(raw.decode("utf-8"))
                 rec = parse_record(obj)
                 if rec is None:
-                    raise ValueError("<think> never closed" if "<think>" in str(obj) else "no question/answer fields")
+                    raise ValueError("<think> never closed" if "<think>" in str(obj)
+                                     else "no non-empty text question/answer")
+            except RecursionError:
+                bad.append((lineno, "JSON nested too deeply"))
+                continue
             except (UnicodeDecodeError, ValueError) as err:
                 bad.append((lineno, str(err).splitlines()[0][:80]))
                 continue

@@ -77,8 +77,8 @@ g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"
 g.add_argument("--out_dir", default="out", help="folder for checkpoints and the demo backbone")
 g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out_dir, exactly where it "
                "stopped (weights, optimizer, step, RNG states, data position)")
-g.add_argument("--keep", type=int, default=1, help="checkpoints to keep: ckpt.pt is the newest; with N > 1 the N newest "
-               "also stay as ckpt_{step}.pt")
+g.add_argument("--keep", type=int, default=None, help="checkpoints to keep: ckpt.pt is the newest; with N > 1 the N newest "
+               "also stay as ckpt_{step}.pt (default 1, or the resumed run's value)")
 g.add_argument("--stop_step", type=int, default=0, help="save and exit after this step, as an interruption would; the "
                "learning-rate schedule still runs to --max_steps (0: off)")
 g.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="torch.distributed backend under torchrun "
@@ -102,9 +102,18 @@ def fail(message):
 
 
 for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "n_arms", "log_interval", "eval_interval",
-             "max_bad_steps", "keep"):
-    if getattr(args, name) < 1:
+             "max_bad_steps", "keep", "eval_problems", "d_bridge", "arm_d_state", "d_blackboard"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
         fail(f"--{name} {getattr(args, name)} must be at least 1")
+for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr", "inject_nan_step", "load_balance_coef"):
+    if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+        fail(f"--{name} {getattr(args, name)} must be a finite number >= 0")
+if not math.isfinite(args.lr) or args.lr <= 0:
+    fail(f"--lr {args.lr} must be a finite number > 0")
+if args.stop_step > args.max_steps:
+    fail(f"--stop_step {args.stop_step} is after --max_steps {args.max_steps}, so it would never stop the run")
+if not args.out_dir:
+    fail("--out_dir is empty; pass a folder for checkpoints, such as --out_dir out")
 if not math.isfinite(args.moe_scale) or args.moe_scale < 0:
     fail(f"--moe_scale {args.moe_scale} must be a finite number >= 0")
 if not 1 <= args.top_k <= args.n_arms:
@@ -141,7 +150,12 @@ if master:
 # device and precision
 if args.device == "auto":
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-device = torch.device(args.device)
+try:
+    device = torch.device(args.device)
+except RuntimeError:
+    fail(f"--device {args.device} is not a device; pass cpu, cuda or cuda:N")
+if device.type == "cuda" and not torch.cuda.is_available():
+    fail(f"--device {args.device}: this torch build or machine has no CUDA GPU; pass --device cpu")
 if device.type == "cuda" and world_size > 1:
     device = torch.device("cuda", local_rank)    # one GPU per rank
 if world_size > 1 and not args.dry_run:
@@ -320,10 +334,10 @@ else:
 class ExampleStream:
     """Training examples in a resumable order.
 
-    With a data file, each epoch visits its records in a fresh shuffled order; for the demo,
+    With a data file, each epoch visits its records in a fresh shuffled order. For the demo,
     each example is a new problem that is not held out. state_dict() holds the RNG, the
-    epoch's order and the position in it, so a resumed run reads exactly the examples an
-    uninterrupted run would have read. Every rank reads the same stream and takes its own
+    epoch's order and the position in it. A resumed run therefore reads exactly the examples
+    an uninterrupted run would have read. Every rank reads the same stream and takes its own
     slice of each batch (see the training loop).
     """
 
@@ -435,6 +449,27 @@ def config_differences(saved, current, prefix=""):
     return differ
 
 
+# Flags that decide which examples come next and how they are batched. A resume with other
+# values would read other data, so it is refused. Optimiser flags may change, with a warning.
+DATA_FLAGS = ("data", "seq_len", "batch_size", "grad_accum", "seed", "demo_max_operand", "demo_max_value",
+              "eval_problems")
+SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip")
+
+
+def check_resume_args(saved, path):
+    saved = dict(saved, world_size=saved.get("world_size", 1))
+    now = dict(vars(args), world_size=world_size)
+    differ = [f"--{k} (checkpoint {saved[k]}, now {now[k]})" for k in (*DATA_FLAGS, "world_size")
+              if k in saved and saved[k] != now[k]]
+    if differ:
+        fail(f"--resume: {path} was trained with other data settings: {', '.join(differ)}; pass the same values "
+             "(and the same number of ranks), or another --out_dir for a new run")
+    changed = [f"--{k} {saved[k]} -> {now[k]}" for k in SCHEDULE_FLAGS if k in saved and saved[k] != now[k]]
+    if changed:
+        print(f"warning: resuming with {', '.join(changed)}; the run continues, but it will not match an "
+              "uninterrupted one", file=sys.stderr)
+
+
 if args.resume:
     ckpt = None
     if master:
@@ -447,6 +482,7 @@ if args.resume:
             fail(f"--resume: {resumed_from} was trained with another config: {', '.join(differ)}; pass the flags "
                  "it was trained with, or another --out_dir for a new run")
         model.load_trainable_state_dict(ckpt["trainable"], source=str(resumed_from))
+        check_resume_args(ckpt.get("args", {}), resumed_from)
     if world_size > 1:              # the other ranks may sit on machines without the file
         box = [ckpt]
         dist.broadcast_object_list(box, src=0)
@@ -461,29 +497,38 @@ if args.resume:
     else:
         log("warning: this checkpoint comes from an older train.py without RNG and data-position state; the "
             "resumed run continues with fresh data, so it will not match an uninterrupted one exactly", file=sys.stderr)
-    log(f"resumed from {resumed_from if master else ckpt_path} at step {step}")
+    if args.keep is None:
+        args.keep = ckpt.get("args", {}).get("keep") or 1
+    log(f"resumed from {resumed_from if master else ckpt_path} at step {step}"
+        + (" (the run is already complete; only the final evaluation runs)" if step >= args.max_steps else ""))
 elif world_size > 1:
     for p in trainable:             # the same seed gave every rank the same arms; make sure of it
         dist.broadcast(p.data, src=0)
+args.keep = args.keep or 1
 saved_step = step if args.resume else None
+saved_path = resumed_from if args.resume and master else None
+if args.stop_step and args.stop_step <= step:
+    fail(f"--stop_step {args.stop_step} is not after the resumed step {step}; pass a later step, or 0 to run to "
+         f"--max_steps {args.max_steps}")
 
 
 def save_checkpoint():
     """Rank 0 writes the checkpoint; a failed write (full disk) warns and keeps the previous one."""
-    global saved_step
+    global saved_step, saved_path
     if not master:
         return
     ckpt = {"format": titan.CHECKPOINT_FORMAT, "config": cfg.to_dict(), "trainable": model.trainable_state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state_dict(), "rng": rng_states(),
-            "backbone": {"source": str(source), "demo": demo}, "tokenizer": tok_name, "args": vars(args)}
+            "backbone": {"source": str(source), "demo": demo}, "tokenizer": tok_name,
+            "args": dict(vars(args), world_size=world_size)}
     try:
         titan.save_checkpoint(ckpt, out_dir, keep=args.keep)
-        saved_step = step
+        saved_step, saved_path = step, ckpt_path
     except OSError as err:
         kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint is saved yet"
-        print(f"warning: saving {ckpt_path} at step {step} failed ({err.strerror or err}); {kept}. Free space in "
-              f"--out_dir {out_dir}; the run carries on", file=sys.stderr)
+        print(f"warning: saving {ckpt_path} at step {step} failed ({err.strerror or err}); {kept}. Fix the cause "
+              f"(a full disk, permissions, a folder named {titan.CHECKPOINT_NAME}); the run carries on", file=sys.stderr)
 
 
 metrics_path = out_dir / "log.jsonl"
@@ -621,9 +666,10 @@ while step < args.max_steps:
         if world_size > 1:
             dist.destroy_process_group()
         if master and saved_step != step:
-            fail(f"stopped at step {step}, but its save failed: {ckpt_path} holds step {saved_step}; free space in "
-                 f"--out_dir {out_dir}")
-        log(f"{stop_signal or '--stop_step'}: saved {ckpt_path} at step {step}; continue with --resume")
+            fail(f"stopped at step {step}, but its save failed: the newest checkpoint holds step {saved_step}; "
+                 f"fix the cause given above in --out_dir {out_dir}")
+        why = stop_signal or ("a signal to another rank" if stop_requested else "--stop_step")
+        log(f"{why}: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -640,7 +686,7 @@ with autocast:
         print(f"held-out accuracy, {label}: {acc:.1%} on {len(eval_records)} problems ({time.time() - t0:.0f}s)")
 print(f"example: {eval_records[0]['question']} -> {results[0][1]!r}")
 if saved_step == step:
-    print(f"checkpoint: {ckpt_path}")
+    print(f"checkpoint: {saved_path}")
 else:
-    fail(f"the final save failed: {ckpt_path} holds step {saved_step}, not {step}; free space in --out_dir {out_dir} "
-         "and rerun the last steps with --resume")
+    fail(f"the final save failed: the newest checkpoint holds step {saved_step}, not {step}; fix the cause given "
+         f"above in --out_dir {out_dir} and rerun the last steps with --resume")
