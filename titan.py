@@ -257,18 +257,21 @@ class _ChunkedScan(torch.autograd.Function):
         return (*(gr.to(dt) for gr, dt in zip(grads, ctx.in_dtypes)), None)
 
 
+SCAN_CHUNK_ELEMENTS = 1 << 19      # state elements per chunk of the fast scan
+
+
 def selective_scan(u, delta, A, B, C, h0=None, chunk=None):
     """Chunked selective scan with the same contract as selective_scan_ref; used for training.
 
-    The default chunk contains about 2^20 state elements (b * chunk * e * n), between 8 and 64
-    steps, so the per-chunk buffers stay a few MB whatever the batch size. A single step without
+    The default chunk contains about 2^19 state elements (b * chunk * e * n), between 4 and 64
+    steps, so the per-chunk buffers stay about 2 MB whatever the batch size. A single step without
     autograd (token-by-token decoding) runs the reference's one-step update directly, because
     the chunk machinery only adds overhead there.
     """
     if u.shape[1] == 1 and not torch.is_grad_enabled():
         return selective_scan_ref(u, delta, A, B, C, h0)
     if chunk is None:
-        chunk = max(4, min(64, (1 << 19) // (u.shape[0] * u.shape[2] * A.shape[1])))
+        chunk = max(4, min(64, SCAN_CHUNK_ELEMENTS // (u.shape[0] * u.shape[2] * A.shape[1])))
     if h0 is None:
         h0 = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.promote_types(u.dtype, torch.float32))
     return _ChunkedScan.apply(u, delta, A, B, C, h0, chunk)
@@ -537,6 +540,7 @@ class MixtureOfArms(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ("<think>", "</think>", "<|end|>")
+CE_CHUNK_LOGITS = 1 << 24            # logits per chunk of Titan.cross_entropy_sum
 
 # parameters that stay float32 when frozen weights are cast to bf16 or fp16: they feed exp()
 # and softplus() inside the scan, where 8 bits of mantissa visibly move the state
@@ -602,7 +606,7 @@ class Titan(nn.Module):
         return torch.cat([frozen, F.linear(h, self.special.to(frozen.dtype))], dim=-1)
 
     def cross_entropy_sum(self, x, targets):
-        """Summed cross-entropy of the head on final hidden states x (b, l, d) against targets
+        """Sum the head's cross-entropy on final hidden states x (b, l, d) against targets
         (b, l), where -100 marks positions without a target.
 
         The head runs on chunks of positions, each checkpointed, so the (b, l, v) logits never
@@ -610,7 +614,7 @@ class Titan(nn.Module):
         about 2^24 logits (64 MB) each by default.
         """
         x, targets = x.flatten(0, 1), targets.flatten()
-        chunk = self.ce_chunk or max(1, (1 << 24) // self.vocab_size)
+        chunk = self.ce_chunk or max(1, CE_CHUNK_LOGITS // self.vocab_size)
 
         def part(h, t):
             return F.cross_entropy(self.head(h).float(), t, ignore_index=-100, reduction="sum")
@@ -784,7 +788,7 @@ def save_checkpoint(ckpt, out_dir, keep=1):
 
 
 def numbered_checkpoints(out_dir):
-    """(step, path) of every ckpt_{step}.pt in out_dir."""
+    """List (step, path) for every ckpt_{step}.pt in out_dir."""
     found = []
     for path in pathlib.Path(out_dir).glob("ckpt_*.pt"):
         match = _NUMBERED_CHECKPOINT.fullmatch(path.name)
@@ -1746,7 +1750,7 @@ def parse_record(obj):
 
 
 def _nonempty(rec):
-    """rec, or None if its question or answer is blank (nothing to condition on or to learn)."""
+    """Return rec, or None if its question or answer is blank (nothing to condition on or learn)."""
     if rec is None or not rec["question"].strip() or not rec["answer"].strip():
         return None
     return rec
@@ -2001,7 +2005,8 @@ def sft_memory_plan(cfg: TitanConfig, batch_size, seq_len, frozen_dtype=torch.bf
     The parameter counts are exact, because the model is built on the meta device. The
     activation terms count the tensors that autograd keeps alive at the peak, in the backward
     pass of the first checkpointed layer. They are the arms' saved tensors, the residual stream
-    saved at every checkpointed layer, one recomputed layer, and one chunk of logits with their gradient.
+    saved at every checkpointed layer, one recomputed layer, and one chunk of logits with
+    their gradient.
     NOTE: the activation terms are an estimate. bench.py --memory measured one 1.4B-shape
     fp32 step at seq_len 2048 at 8.60 GiB against a plan of 7.87 GiB (8% low) on a CPU;
     allocator caching on a GPU adds to that.
@@ -2029,6 +2034,6 @@ def sft_memory_plan(cfg: TitanConfig, batch_size, seq_len, frozen_dtype=torch.bf
     recompute = mamba_activations(bb.d_model, bb.d_inner, bb.d_state, fb)
     vocab = model.vocab_size
     # one chunk of cross_entropy_sum: logits, their float32 copy, log-softmax and gradient
-    logits = min(tokens, (1 << 24) // vocab) * vocab * (fb + 3 * 4)
+    logits = min(tokens, CE_CHUNK_LOGITS // vocab) * vocab * (fb + 3 * 4)
     return {"frozen weights": frozen, "trainable weights": n_train * 4, "gradients": n_train * 4,
             "optimizer state": n_train * 8, "activations": arms + residual + recompute + logits}

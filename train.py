@@ -123,7 +123,7 @@ if args.stop_step < 0:
     fail(f"--stop_step {args.stop_step} must be >= 0 (0: off)")
 
 # -----------------------------------------------------------------------------
-# data parallelism: torchrun sets these variables; a plain `python train.py` is a world of one
+# data parallelism: torchrun sets these variables, and a plain `python train.py` is a world of one
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))
 local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -253,7 +253,7 @@ def pretrain_demo_backbone(folder, tok):
     log(f"saved the demo backbone to {folder} ({time.time() - t0:.0f}s)")
 
 
-# under torchrun, the first rank of each machine downloads or pretrains; the others then read its copy
+# under torchrun, the first rank of each machine downloads or pretrains, then the others read its copy
 first_on_node = local_rank == 0
 if world_size > 1 and not first_on_node:
     dist.barrier()
@@ -335,7 +335,7 @@ class ExampleStream:
     """Training examples in a resumable order.
 
     With a data file, each epoch visits its records in a fresh shuffled order. For the demo,
-    each example is a new problem that is not held out. state_dict() holds the RNG, the
+    each example is a new problem that is not held out. state_dict() contains the RNG, the
     epoch's order and the position in it. A resumed run therefore reads exactly the examples
     an uninterrupted run would have read. Every rank reads the same stream and takes its own
     slice of each batch (see the training loop).
@@ -361,8 +361,9 @@ class ExampleStream:
         return train_records[self.order[self.pos - 1]]
 
     def next_example(self):
-        """(ids, mask) of the next record that fits --seq_len; longer reasoning is cut, with a warning."""
-        for _ in range(len(train_records or [None]) + 1):
+        """Return (ids, mask) of the next record that fits --seq_len. Longer reasoning is cut, with a warning."""
+        attempts = 2 if train_records is None else len(train_records) + 1    # every record once, then give up
+        for _ in range(attempts):
             rec = self.next_record()
             cut_before = self.stats["cut_tokens"]
             ex = titan.format_example(tok, rec, args.seq_len, stats=self.stats)
@@ -438,7 +439,7 @@ def set_rng_states(states):
 
 
 def config_differences(saved, current, prefix=""):
-    """'name (checkpoint X, now Y)' for every config field that differs, backbone fields included."""
+    """List 'name (checkpoint X, now Y)' for every config field that differs, backbone fields included."""
     differ = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
@@ -502,7 +503,7 @@ if args.resume:
     log(f"resumed from {resumed_from if master else ckpt_path} at step {step}"
         + (" (the run is already complete; only the final evaluation runs)" if step >= args.max_steps else ""))
 elif world_size > 1:
-    for p in trainable:             # the same seed gave every rank the same arms; make sure of it
+    for p in trainable:             # the same seed gave every rank the same arms, and this makes sure of it
         dist.broadcast(p.data, src=0)
 args.keep = args.keep or 1
 saved_step = step if args.resume else None
@@ -513,7 +514,7 @@ if args.stop_step and args.stop_step <= step:
 
 
 def save_checkpoint():
-    """Rank 0 writes the checkpoint; a failed write (full disk) warns and keeps the previous one."""
+    """Write the checkpoint on rank 0. A failed write (a full disk) warns and keeps the previous one."""
     global saved_step, saved_path
     if not master:
         return
